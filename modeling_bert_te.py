@@ -1,0 +1,564 @@
+"""Geneformer-style BERT masked-LM with stock Hugging Face parameter names and optional Transformer Engine layers.
+
+Loads stock `transformers` BertForMaskedLM directories and exports directories that stock `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers.activations import ACT2FN
+
+if TYPE_CHECKING:
+    from dataset.vocab import Vocabulary
+
+# Stock checkpoint keys that carry no learned state of ours: buffers, the unused pooler, the tied decoder bias.
+_HARMLESS_EXTRA_PREFIXES = (
+    "bert.embeddings.position_ids",
+    "bert.embeddings.token_type_ids",
+    "bert.pooler.",
+    "cls.predictions.decoder.bias",
+)
+_TIED_DECODER_KEY = "cls.predictions.decoder.weight"
+_WORD_EMBEDDINGS_KEY = "bert.embeddings.word_embeddings.weight"
+
+
+class BertTEConfig(transformers.BertConfig):
+    """BertConfig plus the recipe's switches; validates shapes so a bad yaml fails before any allocation."""
+
+    model_type = "bert"
+
+    def __init__(self, use_te_layers: bool = False, fp8: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.use_te_layers = bool(use_te_layers)
+        self.fp8 = bool(fp8)  # reserved: FP8 recipes are chosen by the training loop, not the model
+        self.validate()
+
+    def validate(self) -> None:
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model config field '{field}' must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"model config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; choose heads that divide the hidden size")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"model config: hidden_act {self.hidden_act!r} is unknown; use e.g. 'relu' or 'gelu'")
+        if getattr(self, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("model config: only position_embedding_type 'absolute' is supported (as in Geneformer)")
+
+
+@dataclass
+class MaskedLMOutput:
+    """What one forward returns; fields not requested are None."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    masked_labels: torch.Tensor | None = None
+    masked_positions: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class AttentionLayout:
+    """How tokens may attend: padded batch (key mask or none) or packed cells (pad/unpad indices)."""
+
+    key_mask: torch.Tensor | None = None       # [B, 1, 1, S] bool, True = attend; None = attend everywhere
+    packed_index: torch.Tensor | None = None   # [T] slot of each packed token in a [n * max_seqlen] grid
+    packed_mask: torch.Tensor | None = None    # [n, 1, 1, max_seqlen] bool key mask of that grid
+    n_cells: int = 0
+    max_seqlen: int = 0
+    cu_seqlens: torch.Tensor | None = None
+
+
+def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
+                dropout_p: float) -> torch.Tensor:
+    """q, k, v: [B, heads, S, d] -> context [B, heads, S, d]; packed input attends only within its cell."""
+    if layout.packed_index is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, dropout_p=dropout_p)
+    # Packed cells: scatter into an [n, max_seqlen] grid so each cell attends only to itself; this costs
+    # n * max_seqlen^2 instead of the T^2 of a block-diagonal mask over the whole pack.
+    _, heads, total, d = q.shape
+    n, s = layout.n_cells, layout.max_seqlen
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:
+        grid = x.new_zeros(n * s, heads, d)
+        grid[layout.packed_index] = x[0].transpose(0, 1)
+        return grid.view(n, s, heads, d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(to_grid(q), to_grid(k), to_grid(v), attn_mask=layout.packed_mask,
+                                         dropout_p=dropout_p)
+    out = out.transpose(1, 2).reshape(n * s, heads, d)[layout.packed_index]
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # Geneformer has no segments: every token is type 0, as stock BERT assumes without token_type_ids.
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout,
+                want_qkv: bool = False) -> tuple[torch.Tensor, tuple | None]:
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        ctx = _sdpa_heads(q, k, v, layout, self.dropout_p if self.training else 0.0)
+        b, _, s, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, s, -1), ((q, k, v) if want_qkv else None)
+
+
+class BertDenseLayerNorm(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): BERT's post-LN sublayer output (stock names)."""
+
+    def __init__(self, in_size: int, config: BertTEConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertDenseLayerNorm(config.hidden_size, config)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertDenseLayerNorm(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout,
+                want_qkv: bool = False) -> tuple[torch.Tensor, tuple | None]:
+        ctx, qkv = self.attention.self(x, layout, want_qkv)
+        h = self.attention.output(ctx, x)
+        return self.output(self.intermediate(h), h), qkv
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        if config.use_te_layers:
+            from te_layers import build_te_layer  # Transformer Engine only when asked for: CPUs lack it
+
+            self.layer = nn.ModuleList(build_te_layer(config, i) for i in range(config.num_hidden_layers))
+        else:
+            self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertModel(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # weight tied to embeddings
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(x), self.decoder.weight, self.bias)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+
+def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
+                   device: torch.device) -> tuple[AttentionLayout, torch.Tensor]:
+    """Pad/unpad indices and per-cell positions for packed (THD) input."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at the packed length {total}; got {cu_seqlens.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths <= 0).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty cells); got {cu_seqlens.tolist()}")
+    longest = int(lengths.max())
+    if max_seqlen is not None and int(max_seqlen) < longest:
+        raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed cell ({longest})")
+    n = lengths.numel()
+    cell_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+    positions = torch.arange(total, device=device) - cu[:-1][cell_of_token]
+    packed_index = cell_of_token * longest + positions
+    grid_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+    layout = AttentionLayout(packed_index=packed_index, packed_mask=grid_mask[:, None, None, :],
+                             n_cells=n, max_seqlen=longest, cu_seqlens=cu_seqlens)
+    return layout, positions.unsqueeze(0)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT masked-LM; parameter names are those of `transformers.BertForMaskedLM` (without pooler)."""
+
+    def __init__(self, config: BertTEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, BertTEConfig):
+            config = BertTEConfig(**config.to_dict()) if isinstance(config, transformers.PretrainedConfig) \
+                else BertTEConfig(**dict(config))
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Hugging Face BERT initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if module is self.cls.predictions.decoder:
+            return  # tied to the word embeddings, which are initialised (with a zero padding row) already
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and module.weight.device.type != "meta":
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+        # TE layers initialise themselves with the same N(0, initializer_range) (see te_layers.py).
+
+    def tie_weights(self) -> None:
+        """Re-tie the decoder to the word embeddings (needed after `to_empty` or a state-dict swap)."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, output_hidden_states: bool = False,
+                return_qkv_layer: int | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, full_logits: bool = False) -> MaskedLMOutput:
+        packed = cu_seqlens is not None
+        if packed and input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            labels = labels.unsqueeze(0) if labels is not None and labels.dim() == 1 else labels
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq] (or [1, total] when packed); got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        device = input_ids.device
+        if packed:
+            if b != 1:
+                raise ValueError(f"packed input (cu_seqlens given) must have input_ids of shape [1, T]; got {tuple(input_ids.shape)}")
+            layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, device)
+            longest = layout.max_seqlen
+        else:
+            layout, longest = AttentionLayout(), s
+            position_ids = torch.arange(s, device=device).unsqueeze(0)
+            # No mask when nothing is padded lets SDPA pick its fastest kernel.
+            if attention_mask is not None and not bool(attention_mask.all()):
+                layout.key_mask = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}; truncate cells or use a config with more positions")
+
+        n_layers = len(self.bert.encoder.layer)
+        qkv_index = None
+        if return_qkv_layer is not None:
+            qkv_index = return_qkv_layer + n_layers if return_qkv_layer < 0 else return_qkv_layer
+            if not 0 <= qkv_index < n_layers:
+                raise ValueError(f"return_qkv_layer {return_qkv_layer} is out of range for {n_layers} layers")
+
+        h = self.bert.embeddings(input_ids, position_ids)
+        hidden_states = [h] if output_hidden_states else None
+        qkv = None
+        for i, layer in enumerate(self.bert.encoder.layer):
+            h, layer_qkv = layer(h, layout, i == qkv_index)
+            if layer_qkv is not None:
+                qkv = layer_qkv
+            if hidden_states is not None:
+                hidden_states.append(h)
+
+        out = MaskedLMOutput(hidden_states=tuple(hidden_states) if hidden_states is not None else None, qkv=qkv)
+        head = self.cls.predictions
+        if labels is None:
+            out.logits = head(h)
+            return out
+        flat_labels = labels.reshape(-1).to(device)
+        positions = torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)
+        out.masked_positions = positions
+        out.masked_labels = flat_labels.index_select(0, positions)
+        if full_logits:
+            out.logits = head(h)
+            masked_logits = out.logits.reshape(b * s, -1).index_select(0, positions)
+        else:
+            # Decoding only masked rows: full-vocabulary logits at every position would dominate compute.
+            masked_logits = head(h.reshape(b * s, -1).index_select(0, positions))
+            out.logits = masked_logits
+        if positions.numel() == 0:
+            out.loss = masked_logits.sum() * 0.0  # keeps the graph (DDP) without a 0/0 NaN
+        else:
+            out.loss = F.cross_entropy(masked_logits.float(), out.masked_labels)
+        return out
+
+    # ------------------------------------------------------------------ saving / loading
+    def stock_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict in stock `transformers` names (TE layer parameters converted)."""
+        return to_stock_state_dict(self.state_dict(), self.config)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, vocab: Vocabulary | None = None, *,
+                        overwrite: bool = False) -> Path:
+        from checkpointing.export import export_model_dir
+
+        return export_model_dir(self.state_dict(), self.config, Path(out_dir), vocab, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, config: BertTEConfig | None = None,
+                        **config_overrides: Any) -> BertForMaskedLM:
+        """Load a stock `transformers` BertForMaskedLM directory (config.json + safetensors or .bin)."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        if config is None:
+            if not (model_dir / "config.json").is_file():
+                raise FileNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+            config = BertTEConfig.from_pretrained(str(model_dir), **config_overrides)
+        state_dict = load_weights(model_dir)
+        model = cls(config)
+        model.load_stock_state_dict(state_dict, source=str(model_dir))
+        return model
+
+    def load_stock_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load stock-named weights, checking them against the config; errors name what is wrong."""
+        sd = normalize_stock_state_dict(state_dict)
+        check_against_config(sd, self.config, source)
+        expected = set(to_stock_state_dict(self.state_dict(), self.config))
+        present = set(sd)
+        missing = sorted(expected - present - {_TIED_DECODER_KEY})
+        unexpected = sorted(present - expected)
+        if missing or unexpected:
+            raise ValueError(f"{source}: weights do not match a BERT masked-LM of this config: "
+                             f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+                             f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
+        sd.pop(_TIED_DECODER_KEY, None)
+        if self.config.use_te_layers:
+            sd = stock_to_te_state_dict(sd, self.config)
+        result = self.load_state_dict(sd, strict=False)
+        bad_missing = [k for k in result.missing_keys if k != _TIED_DECODER_KEY and not k.endswith("_extra_state")]
+        if bad_missing or result.unexpected_keys:
+            raise ValueError(f"{source}: could not load {bad_missing} / unexpected {result.unexpected_keys}")
+        self.tie_weights()
+
+
+# ---------------------------------------------------------------------- helpers shared with export and TE
+def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Read model.safetensors, else pytorch_model.bin (weights only: a pickle from a user is untrusted)."""
+    st_path, bin_path = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st_path))
+    if bin_path.is_file():
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
+                            "(sharded checkpoints: merge them first)")
+
+
+def normalize_stock_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys known to be harmless (buffers, pooler, tied decoder bias); rename old gamma/beta LayerNorm names."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_HARMLESS_EXTRA_PREFIXES):
+            continue
+        if key.endswith("LayerNorm.gamma"):
+            key = key[: -len("gamma")] + "weight"
+        elif key.endswith("LayerNorm.beta"):
+            key = key[: -len("beta")] + "bias"
+        out[key] = value
+    return out
+
+
+def check_against_config(sd: dict[str, torch.Tensor], config: BertTEConfig, source: str) -> None:
+    """Vocabulary, positions and hidden size in the checkpoint must agree with the config."""
+    checks = {
+        _WORD_EMBEDDINGS_KEY: ((config.vocab_size, config.hidden_size), "vocab_size / hidden_size"),
+        "bert.embeddings.position_embeddings.weight": ((config.max_position_embeddings, config.hidden_size),
+                                                       "max_position_embeddings / hidden_size"),
+        "cls.predictions.bias": ((config.vocab_size,), "vocab_size"),
+    }
+    for key, (shape, fields) in checks.items():
+        if key in sd and tuple(sd[key].shape) != shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(sd[key].shape)} but the config ({fields}) needs "
+                             f"{shape}; the checkpoint and config (or vocabulary) disagree")
+    reference = _stock_shapes(config)
+    for key, value in sd.items():
+        if key in reference and tuple(value.shape) != reference[key]:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs {reference[key]}")
+
+
+def _stock_shapes(config: BertTEConfig) -> dict[str, tuple[int, ...]]:
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        _WORD_EMBEDDINGS_KEY: (v, h),
+        "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
+        "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+        "bert.embeddings.LayerNorm.weight": (h,), "bert.embeddings.LayerNorm.bias": (h,),
+        "cls.predictions.transform.dense.weight": (h, h), "cls.predictions.transform.dense.bias": (h,),
+        "cls.predictions.transform.LayerNorm.weight": (h,), "cls.predictions.transform.LayerNorm.bias": (h,),
+        "cls.predictions.bias": (v,), _TIED_DECODER_KEY: (v, h),
+    }
+    for n in range(config.num_hidden_layers):
+        p = f"bert.encoder.layer.{n}."
+        for name in ("query", "key", "value"):
+            shapes[f"{p}attention.self.{name}.weight"], shapes[f"{p}attention.self.{name}.bias"] = (h, h), (h,)
+        shapes.update({
+            f"{p}attention.output.dense.weight": (h, h), f"{p}attention.output.dense.bias": (h,),
+            f"{p}attention.output.LayerNorm.weight": (h,), f"{p}attention.output.LayerNorm.bias": (h,),
+            f"{p}intermediate.dense.weight": (i, h), f"{p}intermediate.dense.bias": (i,),
+            f"{p}output.dense.weight": (h, i), f"{p}output.dense.bias": (h,),
+            f"{p}output.LayerNorm.weight": (h,), f"{p}output.LayerNorm.bias": (h,),
+        })
+    return shapes
+
+
+# Stock per-layer name -> Transformer Engine TransformerLayer name (post-LN layout, see te_layers.py).
+_TE_RENAMES = {
+    "attention.output.dense.weight": "self_attention.proj.weight",
+    "attention.output.dense.bias": "self_attention.proj.bias",
+    "attention.output.LayerNorm.weight": "layernorm_mlp.layer_norm_weight",
+    "attention.output.LayerNorm.bias": "layernorm_mlp.layer_norm_bias",
+    "intermediate.dense.weight": "layernorm_mlp.fc1_weight",
+    "intermediate.dense.bias": "layernorm_mlp.fc1_bias",
+    "output.dense.weight": "layernorm_mlp.fc2_weight",
+    "output.dense.bias": "layernorm_mlp.fc2_bias",
+    "output.LayerNorm.weight": "layernorm.weight",
+    "output.LayerNorm.bias": "layernorm.bias",
+}
+_LAYER_PREFIX = "bert.encoder.layer."
+
+
+def _split_layer_key(key: str) -> tuple[str, str] | None:
+    if not key.startswith(_LAYER_PREFIX):
+        return None
+    index, _, rest = key[len(_LAYER_PREFIX):].partition(".")
+    return f"{_LAYER_PREFIX}{index}.", rest
+
+
+def stock_to_te_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
+    """Stock names -> TE layer names; q, k, v are concatenated into the fused `self_attention.qkv`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        split = _split_layer_key(key)
+        if split is None:
+            out[key] = value
+            continue
+        prefix, rest = split
+        if rest.startswith("attention.self."):
+            which, kind = rest[len("attention.self."):].split(".")
+            qkv.setdefault((prefix, kind), {})[which] = value
+        elif rest in _TE_RENAMES:
+            out[prefix + _TE_RENAMES[rest]] = value
+        else:
+            raise ValueError(f"state dict key {key} has no Transformer Engine counterpart")
+    for (prefix, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"{prefix}attention.self.*.{kind}: need query, key and value, got {sorted(parts)}")
+        out[f"{prefix}self_attention.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def to_stock_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
+    """Any of our state dicts (plain or TE layers) -> stock names; TE's FP8 `_extra_state` entries are dropped."""
+    inverse = {te: stock for stock, te in _TE_RENAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.endswith("_extra_state"):
+            continue
+        split = _split_layer_key(key)
+        if split is None:
+            out[key] = value
+            continue
+        prefix, rest = split
+        if rest.startswith("self_attention.qkv."):
+            kind = rest.rsplit(".", 1)[1]
+            q, k, v = value.chunk(3, dim=0)
+            for name, part in (("query", q), ("key", k), ("value", v)):
+                out[f"{prefix}attention.self.{name}.{kind}"] = part
+        elif rest in inverse:
+            out[prefix + inverse[rest]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def build_model(cfg: BertTEConfig | dict | Any) -> BertForMaskedLM:
+    """Model from a BertTEConfig, a dict or an omegaconf node of BertTEConfig fields (hydra_config/model/*.yaml)."""
+    if isinstance(cfg, BertTEConfig):
+        return BertForMaskedLM(cfg)
+    if not isinstance(cfg, dict):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return BertForMaskedLM(BertTEConfig(**cfg))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
