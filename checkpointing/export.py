@@ -1,0 +1,102 @@
+"""Export a model to a stock Hugging Face BertForMaskedLM directory (safetensors, config.json, tokenizer files).
+
+Written atomically, so a directory that looks complete is complete; stock `transformers` loads it as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from modeling_bert_te import BertTEConfig, normalize_stock_state_dict, to_stock_state_dict
+
+if TYPE_CHECKING:
+    from dataset.vocab import Vocabulary
+
+# Stock transformers ties these on load; writing them too would show up as unexpected/duplicate keys.
+_TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+# Config fields only this recipe knows; stock transformers would carry them along harmlessly, but a clean
+# config.json keeps the export indistinguishable from a stock BertForMaskedLM directory.
+_RECIPE_ONLY_FIELDS = ("use_te_layers", "fp8")
+
+
+def _stock_tensors(state_dict: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
+    sd = normalize_stock_state_dict(to_stock_state_dict(state_dict, config))
+    out = {}
+    for key, value in sd.items():
+        if key in _TIED_KEYS:
+            continue
+        if hasattr(value, "full_tensor"):  # a DTensor shard from FSDP2: gather the whole parameter
+            value = value.full_tensor()
+        # safetensors needs contiguous, unshared CPU storage (q/k/v views of a fused TE weight share storage).
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _write_tokenizer(vocab: Vocabulary, out_dir: Path) -> None:
+    vocab.save(out_dir / "vocab.txt")
+    # V2 vocabularies have <cls>/<eos>. V1 has neither, and BertTokenizer would otherwise add [CLS]/[SEP] ids past
+    # the model's vocabulary, so <pad> stands in for them (and for unknown genes): it is never a gene.
+    # Geneformer V1 inputs are encoded with add_special_tokens=False.
+    special = {
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+        "unk_token": "<pad>",
+        "cls_token": "<cls>" if vocab.cls_id is not None else "<pad>",
+        "sep_token": "<eos>" if vocab.eos_id is not None else "<pad>",
+    }
+    # Gene ids are case-sensitive whole tokens: no lower-casing, no accent stripping.
+    tokenizer_config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": False,
+        "tokenize_chinese_chars": False,
+        "strip_accents": False,
+        **special,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def export_model_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, out_dir: Path,
+                     vocab: Vocabulary | None, *, overwrite: bool = False) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer files when `vocab` is given) to `out_dir` atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"export target {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"export target {out_dir} is not empty; choose a new directory or pass overwrite=True")
+    if vocab is not None and vocab.size != config.vocab_size:
+        raise ValueError(f"vocabulary has {vocab.size} tokens but the model config has vocab_size "
+                         f"{config.vocab_size}; export with the vocabulary the model was trained on")
+    tensors = _stock_tensors(state_dict, config)
+    config_dict = config.to_dict()
+    for field in _RECIPE_ONLY_FIELDS:
+        config_dict.pop(field, None)
+    config_dict.update(architectures=["BertForMaskedLM"], model_type="bert", tie_word_embeddings=True)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if vocab is not None:
+            _write_tokenizer(vocab, tmp)
+        if out_dir.exists():
+            # Move the old directory aside first so that the rename below is a single atomic step.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "dir")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
