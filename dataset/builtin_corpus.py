@@ -46,20 +46,21 @@ def _programs(rng: np.random.Generator, n_types: int, first_gene: int, vocab_siz
 def _cells(rng: np.random.Generator, programs: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Flat token ids of cells: each type's ranking, locally reshuffled, with a few genes swapped in."""
     total = int(lengths.sum())
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    slot = np.arange(total) - np.repeat(starts, lengths)
-    cell_len = np.repeat(lengths, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    slot = np.arange(total, dtype=np.int32) - np.repeat(starts, lengths)
+    cell_len = np.repeat(lengths.astype(np.int32), lengths)
     type_of = np.repeat(types, lengths)
     # Rank noise: swap disjoint pairs of slots (distance 1, 2, 4, 8, 16) with probability 1/2 each,
     # so a gene drifts a few ranks from its program position, as expression noise does.
+    coin = rng.integers(0, 256, size=total, dtype=np.uint8)  # one random bit per round, drawn at once
     rank = slot.copy()
-    for d in (1, 2, 4, 8, 16):
-        src = np.flatnonzero(((slot // d) % 2 == 0) & (slot + d < cell_len) & (rng.random(total) < 0.5))
+    for k, d in enumerate((1, 2, 4, 8, 16)):
+        src = np.flatnonzero(((slot & d) == 0) & (slot + d < cell_len) & ((coin >> k) & 1).astype(bool))
         rank[src], rank[src + d] = rank[src + d], rank[src].copy()
     tokens = programs[type_of, rank]
     # About 5% of ranks hold a gene from deep in the type's ranking (dropout / rare expression).
-    noisy = rng.random(total) < 0.05
-    deep = MAX_LENGTH + rng.integers(0, programs.shape[1] - MAX_LENGTH, size=int(noisy.sum()))
+    noisy = np.flatnonzero(rng.integers(0, 256, size=total, dtype=np.uint8) < 13)
+    deep = MAX_LENGTH + rng.integers(0, programs.shape[1] - MAX_LENGTH, size=len(noisy))
     tokens[noisy] = programs[type_of[noisy], deep]
     return tokens
 
