@@ -1,0 +1,187 @@
+"""Typed run configuration: the schema hydra's YAML is checked against, and its validation.
+
+Unknown keys, wrong types and out-of-range values fail here, before any heavy work, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config value a user set is invalid; the message names the key and the allowed values."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config '{key}': {message}")
+
+
+def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"got '{value}', allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # parquet file / shard dir / Arrow dir; None = the built-in corpus
+    vocab: str | None = None  # vocab.txt or token-dictionary .pkl; None = <path>/vocab.txt if present
+    builtin_cells: int = 4000
+    builtin_dir: str = "outputs/builtin_corpus"
+    cache_dir: str | None = None
+    heldout_fraction: float = 0.02
+    max_tokens: int = 16384
+    max_cells: int | None = None
+    mask_prob: float = 0.15
+    pad_to_multiple_of: int = 8
+    packed: bool = False
+    num_workers: int = 1
+
+    def validate(self) -> None:
+        _require(self.max_tokens > 0, "data.max_tokens", "must be > 0")
+        _require(self.max_cells is None or self.max_cells > 0, "data.max_cells", "must be > 0 or null")
+        _require(0.0 < self.mask_prob < 1.0, "data.mask_prob", "must be in (0, 1)")
+        _require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)")
+        _require(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1 (8; 16 for FP8)")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.builtin_cells > 0, "data.builtin_cells", "must be > 0")
+
+
+@dataclass
+class TrainingConfig:
+    strategy: str = "ddp"  # ddp | fsdp2
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
+    num_train_steps: int = 100
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    warmup_steps: int = 10
+    lr_schedule: str = "linear"  # linear | cosine | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    fp8: str = "off"  # off | torchao (float8 on nn.Linear)
+    nonfinite: str = "stop"  # stop | skip
+
+    def validate(self) -> None:
+        _one_of(self.strategy, "training.strategy", ("ddp", "fsdp2"))
+        _one_of(self.device, "training.device", ("auto", "cpu", "cuda"))
+        _one_of(self.precision, "training.precision", ("auto", "fp32", "bf16"))
+        _one_of(self.lr_schedule, "training.lr_schedule", ("linear", "cosine", "constant"))
+        _one_of(self.nonfinite, "training.nonfinite", ("stop", "skip"))
+        _one_of(self.fp8, "training.fp8", ("off", "torchao"))
+        _require(self.num_train_steps > 0, "training.num_train_steps", "must be > 0")
+        _require(self.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0")
+        _require(self.lr > 0, "training.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+        _require(0 <= self.warmup_steps < self.num_train_steps, "training.warmup_steps",
+                 f"must be in [0, num_train_steps={self.num_train_steps})")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "training.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "outputs/run/checkpoints"
+    every_steps: int = 100
+    keep_last: int = 3
+    async_save: bool = False
+    resume: bool = True
+
+    def validate(self) -> None:
+        _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 100
+    max_cells: int = 512
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _require(self.every_steps > 0, "eval.every_steps", "must be > 0")
+        _require(self.max_cells > 0, "eval.max_cells", "must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    wandb: bool = False
+    wandb_mode: str = "offline"  # offline | online
+    wandb_project: str = "geneformer-recipe"
+    plot: bool = True
+
+    def validate(self) -> None:
+        _require(self.log_every > 0, "logging.log_every", "must be > 0")
+        _one_of(self.wandb_mode, "logging.wandb_mode", ("offline", "online"))
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # model directory; None = pretrain a teacher first with teacher_config
+    teacher_config: str = "l0_sanity"  # train.py config used when teacher is None
+    teacher_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    mlm_weight: float = 0.5
+    hidden_weight: float = 0.0
+    layer_map: list[list[int]] | None = None  # [[student_layer, teacher_layer], ...]; None = uniform
+    relation_weight: float = 0.0
+    relation_heads: int | None = None  # None = the student's head count
+    relation_student_layer: int = -1
+    relation_teacher_layer: int = -1
+    student_init: str = "teacher"  # random | teacher (PCA embeddings, copy matching layers)
+
+    def validate(self) -> None:
+        _require(self.temperature > 0, "distill.temperature", "must be > 0")
+        for name in ("kd_weight", "mlm_weight", "hidden_weight", "relation_weight"):
+            _require(getattr(self, name) >= 0, f"distill.{name}", "must be >= 0")
+        _require(self.kd_weight + self.mlm_weight + self.hidden_weight + self.relation_weight > 0,
+                 "distill.*_weight", "at least one loss weight must be > 0")
+        _one_of(self.student_init, "distill.student_init", ("random", "teacher"))
+        _one_of(self.teacher_precision, "distill.teacher_precision", ("auto", "fp32", "bf16"))
+        _require(self.relation_heads is None or self.relation_heads > 0, "distill.relation_heads", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig | None = None
+
+    def validate(self) -> RunConfig:
+        for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill):
+            if part is not None:
+                part.validate()
+        _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
+        return self
+
+
+def parse_config(cfg: DictConfig | dict) -> RunConfig:
+    """Check a composed config against the schema and return it as typed, validated objects."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    raw.pop("hydra", None)
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+    except ConfigKeyError as error:
+        raise ConfigError(f"unknown config key '{error.full_key}'; see training/config.py for the allowed keys") from None
+    except ValidationError as error:
+        raise ConfigError(f"config '{error.full_key}': {error.msg}") from None
+    return OmegaConf.to_object(merged).validate()

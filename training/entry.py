@@ -1,0 +1,43 @@
+"""Start-up shared by the entry points: logging format, typed config, distributed context, clean exit.
+
+A user error (bad config, path, vocabulary) ends the run with one clear line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from training.config import RunConfig, parse_config
+from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+
+
+def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None]) -> None:
+    """Parse and validate the config before any heavy work, then run `job` inside a process group."""
+    setup_logging()
+    try:
+        run = parse_config(cfg)
+        ctx = init_distributed(run.training.device)
+    except USER_ERRORS as error:
+        logging.getLogger("config").error("%s", error)
+        sys.exit(2)
+    try:
+        job(run, ctx)
+    except USER_ERRORS as error:
+        logging.getLogger("run").error("%s", error)
+        sys.exit(2)
+    finally:
+        shutdown_distributed()

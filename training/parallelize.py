@@ -1,0 +1,91 @@
+"""Wrap a model for data parallelism: DDP replicas or FSDP2 shards (one unit per encoder layer plus root).
+
+Activation checkpointing and per-layer torch.compile are applied here too, without renaming parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' trains in bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def enable_activation_checkpointing(layers: Sequence[nn.Module]) -> None:
+    """Recompute each encoder layer in backward; the model honours `gradient_checkpointing` per layer."""
+    for layer in layers:
+        layer.gradient_checkpointing = True
+
+
+def compile_layers(layers: Sequence[nn.Module]) -> None:
+    # dynamic=None lets the compiler mark the sequence dimension dynamic after its first recompile;
+    # the sampler pads lengths to a multiple of 8, which keeps the set of shapes small.
+    for layer in layers:
+        layer.compile()
+
+
+def parallelize(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    *,
+    strategy: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Move `model` to `device` and wrap it for the chosen strategy; returns the module to train."""
+    model.to(device)
+    if activation_checkpointing:
+        enable_activation_checkpointing(layers)
+    if compile:
+        compile_layers(layers)
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    if strategy == "fsdp2":
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the model's own (DDP adds a `module.` prefix)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def no_gradient_sync(model: nn.Module, skip_sync: bool):
+    """Context for one micro-batch: while accumulating, gradients are not all-reduced."""
+    import contextlib
+
+    if not skip_sync:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+class _fsdp_no_sync:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_requires_gradient_sync(True)
