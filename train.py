@@ -9,37 +9,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from training.builders import build_data, build_model, model_config_from_dict
-from training.config import RunConfig
-from training.distributed import DistributedContext
-from training.evaluation import masked_lm_metrics
-from training.parallelize import unwrap
-from training.run import Task, masked_lm_loss, run_training
-
-
-def pretraining_task(run: RunConfig) -> Task:
-    config = model_config_from_dict(run.model)
-    model = build_model(config, run.seed)
-
-    def evaluate(wrapped, batches):
-        return masked_lm_metrics({"model": unwrap(wrapped)}, batches, next(wrapped.parameters()).device)["model"]
-
-    return Task(trainable=model, layers=list(model.bert.encoder.layer), loss_fn=masked_lm_loss,
-                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"})
-
-
-def pretrain(run: RunConfig, ctx: DistributedContext):
-    task = pretraining_task(run)
-    config = task.export_config
-    data = build_data(run, ctx, vocab_size=config.vocab_size, max_length=config.max_position_embeddings)
-    return run_training(run, ctx, data, task, name="train")
+from training.entry import run_entry
+from training.pretrain import pretrain
 
 
 @hydra.main(config_path="hydra_config", config_name="l0_sanity", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from training.entry import run_entry
-
-    run_entry(cfg, pretrain)
+    run_entry(cfg, lambda run, ctx: pretrain(run, ctx))
 
 
 if __name__ == "__main__":

@@ -128,8 +128,10 @@ class LoggingConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str | None = None  # model directory; None = pretrain a teacher first with teacher_config
-    teacher_config: str = "l0_sanity"  # train.py config used when teacher is None
+    teacher: str | None = None  # model directory; None = first pretrain a teacher on the same data
+    teacher_model: str = "tiny"  # hydra_config/model/<name> of the teacher pretrained when teacher is None
+    teacher_steps: int = 300
+    teacher_lr: float = 3e-3
     teacher_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
     temperature: float = 2.0
     kd_weight: float = 1.0
@@ -144,6 +146,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         _require(self.temperature > 0, "distill.temperature", "must be > 0")
+        _require(self.teacher_steps > 0, "distill.teacher_steps", "must be > 0")
         for name in ("kd_weight", "mlm_weight", "hidden_weight", "relation_weight"):
             _require(getattr(self, name) >= 0, f"distill.{name}", "must be >= 0")
         _require(self.kd_weight + self.mlm_weight + self.hidden_weight + self.relation_weight > 0,

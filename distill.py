@@ -1,0 +1,115 @@
+"""Knowledge distillation of a Geneformer teacher into a small student, on one CPU or many GPUs with torchrun.
+
+    python distill.py --config-name l0_sanity                 # pretrains a tiny teacher first, then distils
+    torchrun --nproc_per_node=8 distill.py --config-name 4m distill.teacher=/path/to/Geneformer-V1-10M
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from distillation.student_init import init_student_from_teacher
+from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map, evaluate_side_by_side
+from distillation.teacher import check_teacher, load_teacher, weights_sha256
+from training.builders import build_data, build_model, model_config_by_name, model_config_from_dict
+from training.config import RunConfig
+from training.distributed import DistributedContext
+from training.entry import run_entry
+from training.evaluation import format_side_by_side
+from training.parallelize import compute_dtype
+from training.pretrain import pretrain
+from training.run import Task, run_training
+
+log = logging.getLogger("distill")
+
+
+def teacher_run_config(run: RunConfig) -> RunConfig:
+    """The pretraining run that makes a teacher when none is given: same data and seed, own output dir."""
+    cfg = run.distill
+    out = Path(run.output_dir) / "teacher"
+    training = dataclasses.replace(run.training, num_train_steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+                                   warmup_steps=max(1, cfg.teacher_steps // 10))
+    return dataclasses.replace(run, output_dir=str(out), model=model_config_by_name(cfg.teacher_model),
+                               training=training, distill=None,
+                               checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
+
+
+def resolve_teacher(run: RunConfig, ctx: DistributedContext) -> Path:
+    if run.distill.teacher is not None:
+        return Path(run.distill.teacher)
+    log.info("no distill.teacher given: pretraining a '%s' teacher first", run.distill.teacher_model)
+    result, export_dir = pretrain(teacher_run_config(run), ctx)
+    if export_dir is None:
+        raise SystemExit(0)  # preempted while pretraining the teacher; a relaunch resumes it
+    return export_dir
+
+
+def distillation_task(run: RunConfig, ctx: DistributedContext, data, teacher_dir: Path) -> Task:
+    cfg = run.distill
+    student_config = model_config_from_dict(run.model)
+    teacher_dtype = compute_dtype(cfg.teacher_precision, ctx.device)
+    teacher = load_teacher(teacher_dir, ctx.device, teacher_dtype)
+    check_teacher(teacher_dir, teacher.config, student_config, data.vocab, int(data.corpus.lengths.max()))
+    student = build_model(student_config, run.seed)
+    layer_map = [tuple(pair) for pair in cfg.layer_map] if cfg.layer_map else default_layer_map(
+        student_config.num_hidden_layers, teacher.config.num_hidden_layers)
+    if cfg.student_init == "teacher":
+        init_student_from_teacher(student, teacher, [(s - 1, t - 1) for s, t in layer_map if s > 0 and t > 0])
+    n_projections = len(layer_map) if cfg.hidden_weight > 0 else 0
+    trainable = StudentWithProjections(student, teacher.config.hidden_size, n_projections)
+    return Task(
+        trainable=trainable, layers=list(student.bert.encoder.layer),
+        loss_fn=DistillationLoss(teacher, cfg, layer_map, student_config.num_attention_heads),
+        evaluate=lambda wrapped, batches: evaluate_side_by_side(teacher, wrapped, batches),
+        export_config=student_config, export_prefix="student.",
+        meta={"task": "distillation", "teacher_dir": str(teacher_dir.resolve()),
+              "teacher_sha256": weights_sha256(teacher_dir)},
+    )
+
+
+def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Path) -> None:
+    """Print the last held-out evaluation side by side and write it as JSON."""
+    if not ctx.is_main or not metrics_path.is_file():
+        return
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if '"kind": "eval"' in line]
+    if not records:
+        return
+    last = records[-1]
+    results = {side: {k[len(side) + 1:]: v for k, v in last.items() if k.startswith(side + "_")}
+               for side in ("teacher", "student")}
+    params = {"teacher": {"parameters": sum(p.numel() for p in task.loss_fn.teacher.parameters())},
+              "student": {"parameters": sum(p.numel() for p in task.trainable.student.parameters())}}
+    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for both)\n"
+          + format_side_by_side(results, params))
+    out = Path(run.output_dir) / "distill_eval.json"
+    out.write_text(json.dumps({"step": last["step"], "results": results, "parameters": params}, indent=2))
+
+
+def distil(run: RunConfig, ctx: DistributedContext) -> None:
+    student_config = model_config_from_dict(run.model)
+    teacher_dir = resolve_teacher(run, ctx)
+    data = build_data(run, ctx, vocab_size=student_config.vocab_size,
+                      max_length=student_config.max_position_embeddings)
+    task = distillation_task(run, ctx, data, teacher_dir)
+    result, _ = run_training(run, ctx, data, task, name="distill")
+    if not result.preempted:
+        report(run, ctx, task, Path(run.output_dir) / "distill.jsonl")
+
+
+@hydra.main(config_path="hydra_config/distill", config_name="l0_sanity", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.get("distill") is None:
+        raise SystemExit("distill.py needs a config with a 'distill' section (hydra_config/distill/)")
+    torch.set_float32_matmul_precision("high")
+    run_entry(cfg, distil)
+
+
+if __name__ == "__main__":
+    main()
