@@ -1,0 +1,99 @@
+"""Tokenizer throughput (cells/s on one core) and peak memory against chunk size, on a synthetic .h5ad.
+
+`python benchmarks/tokenize_throughput.py --cells 20000 --genes 20000 --chunk-sizes 256,1024,4096`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ONE_CORE = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def write_counts(path: Path, n_cells: int, n_genes: int, genes_per_cell: tuple[int, int], seed: int) -> None:
+    """CSR counts: 2,000-3,000 expressed genes per cell, heavy-tailed counts, Ensembl-like gene ids."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    popularity = rng.pareto(1.0, n_genes) + 1e-3
+    popularity /= popularity.sum()
+    nnz = rng.integers(genes_per_cell[0], genes_per_cell[1] + 1, n_cells)
+    indptr = np.concatenate([[0], np.cumsum(nnz)])
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    for i in range(n_cells):
+        indices[indptr[i] : indptr[i + 1]] = np.sort(rng.choice(n_genes, nnz[i], replace=False, p=popularity))
+    data = (rng.geometric(0.45, indptr[-1])).astype(np.float32)
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+    var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(n_genes)])
+    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK", "Mono"], n_cells)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    ad.AnnData(X=matrix, obs=obs, var=var).write_h5ad(path)
+
+
+def write_tables(directory: Path, n_genes: int, seed: int) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed + 1)
+    genes = [f"ENSG{i:011d}" for i in range(n_genes)]
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["<pad>", "<mask>", *genes]) + "\n")
+    medians = directory / "medians.tsv"
+    medians.write_text("".join(f"{g}\t{float(m)!r}\n" for g, m in zip(genes, rng.lognormal(0.5, 0.6, n_genes), strict=True)))
+    return vocab, medians
+
+
+def run_once(h5ad: Path, vocab: Path, medians: Path, out: Path, chunk_size: int) -> dict:
+    """Tokenize in a fresh process so peak RSS belongs to this chunk size alone."""
+    code = (
+        "import json,resource,time,sys;from dataset.tokenize import tokenize_counts;"
+        f"t=time.perf_counter();m=tokenize_counts({str(h5ad)!r},{str(out)!r},vocab={str(vocab)!r},"
+        f"medians={str(medians)!r},obs_columns=['cell_type'],chunk_size={chunk_size});"
+        "s=time.perf_counter()-t;"
+        "print(json.dumps({'seconds':s,'cells':m['cells']['kept'],"
+        "'peak_rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))"
+    )
+    env = {**os.environ, **ONE_CORE, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # taskset pins the run to one core where available, so the figure is a one-core figure.
+    prefix = ["taskset", "-c", "0"] if sys.platform.startswith("linux") else []
+    done = subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"tokenizer run failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["cells_per_s"] = result["cells"] / result["seconds"]
+    result["chunk_size"] = chunk_size
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cells", type=int, default=20_000)
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--chunk-sizes", default="256,1024,4096")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        tmp = Path(tmp)
+        h5ad = tmp / "counts.h5ad"
+        started = time.perf_counter()
+        write_counts(h5ad, args.cells, args.genes, (2000, 3000), args.seed)
+        vocab, medians = write_tables(tmp, args.genes, args.seed)
+        print(f"wrote {h5ad} ({h5ad.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f}s")
+        for i, chunk_size in enumerate(int(c) for c in args.chunk_sizes.split(",")):
+            result = run_once(h5ad, vocab, medians, tmp / f"out{i}", chunk_size)
+            print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"(this driver process peaked at {baseline:.0f} MB while writing the input)")
+
+
+if __name__ == "__main__":
+    main()
