@@ -128,6 +128,20 @@ def test_long_cells_are_truncated_to_the_model_input(tmp_path, layout, max_genes
     assert manifest["cells"]["truncated"] == 1
 
 
+def _write_loom(path: Path) -> None:
+    """A loom file as loompy writes it (genes x cells); written with h5py, since importing loompy takes seconds."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("matrix", data=COUNTS.T, chunks=(2, 2))
+        handle.create_group("layers")
+        handle.create_group("row_attrs").create_dataset("ensembl_id", data=np.array(GENES, dtype="S"))
+        col_attrs = handle.create_group("col_attrs")
+        col_attrs.create_dataset("cell_type", data=np.array(CELL_TYPES, dtype="S"))
+        col_attrs.create_dataset("donor", data=np.arange(len(COUNTS)))
+        handle.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+
+
 def _write_all_formats(directory: Path) -> dict[str, tuple[Path, dict]]:
     """The same counts as dense/sparse/CSC .h5ad, an .h5ad layer, .loom, CSV and TSV."""
     paths = {}
@@ -144,9 +158,7 @@ def _write_all_formats(directory: Path) -> dict[str, tuple[Path, dict]]:
     layered.X = layered.X.multiply(0.5).tocsr()  # normalized values in X, counts in a layer
     layered.write_h5ad(directory / "layer.h5ad")
     paths["layer"] = (directory / "layer.h5ad", {"layer": "counts"})
-    loom = _adata()
-    loom.var["ensembl_id"] = GENES
-    loom.write_loom(directory / "cells.loom")
+    _write_loom(directory / "cells.loom")
     paths["loom"] = (directory / "cells.loom", {})
     frame = pd.DataFrame(COUNTS.astype(int), columns=GENES, index=[f"cell{i}" for i in range(len(COUNTS))])
     frame.to_csv(directory / "cells.csv")
@@ -244,12 +256,13 @@ def _reference_encoding(counts: np.ndarray, ensembl: list[str | None], token_of:
     """Straightforward Geneformer V1 encoding, one dense cell at a time."""
     cells = []
     for row in counts:
+        total = row.sum()  # over all genes of the cell, also those outside the vocabulary
         summed: dict[str, float] = {}
         for j in np.flatnonzero(row):
             if ensembl[j] in token_of:
                 summed[ensembl[j]] = summed.get(ensembl[j], 0.0) + float(row[j])
         genes = sorted(summed, key=token_of.__getitem__)
-        values = np.array([summed[g] / row.sum() * 10_000 / medians[g] for g in genes])
+        values = np.array([summed[g] / total * 10_000 / medians[g] for g in genes])
         tokens = np.array([token_of[g] for g in genes], dtype=np.int64)
         assert len(np.unique(values)) == len(values)  # no exact ties, so Geneformer's own argsort agrees
         if len(tokens):
@@ -298,14 +311,15 @@ def test_real_counts_match_a_reference_implementation(tmp_path, celltypist_count
 
 def test_real_counts_with_computed_medians_and_v2_layout(tmp_path, celltypist_counts):
     frame, names = celltypist_counts
-    frame.iloc[:30].to_csv(tmp_path / "real.csv")
+    cells = frame.iloc[:16]
+    cells.loc[:, cells.sum(axis=0) > 0].to_csv(tmp_path / "real.csv")  # all-zero genes change nothing
     manifest = tokenize_counts(tmp_path / "real.csv", tmp_path / "out", gene_names=names, compute_medians=True,
                                layout="v2", obs_columns=[frame.index.name or "cell_id"])
     ids = _ids(_read(tmp_path / "out"))
     vocab = (tmp_path / "out" / "vocab.txt").read_text().split()
     assert vocab[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"]
     assert all(cell[0] == 2 and cell[-1] == 3 and len(set(cell[1:-1])) == len(cell) - 2 for cell in ids)
-    assert manifest["cells"]["kept"] == 30
+    assert manifest["cells"]["kept"] == 16
 
 
 def test_reads_into_the_training_corpus(tmp_path, tables):
