@@ -251,6 +251,22 @@ def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
     return layout, positions.unsqueeze(0)
 
 
+def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple | None:
+    """Right-padded batch -> packed (ids [1,T], labels [1,T], cu_seqlens, max_seqlen, token_index); None when the
+    padding is not at the right end, a cell is empty, or a pad position carries a label (then the padded path runs)."""
+    s = input_ids.shape[1]
+    mask = attention_mask.to(input_ids.device).bool()
+    lengths = mask.sum(1)
+    right_padded = torch.arange(s, device=mask.device)[None, :] < lengths[:, None]
+    if bool(mask.all()) or not torch.equal(right_padded, mask) or bool((lengths == 0).any()) \
+            or bool((labels[~mask] != -100).any()):
+        return None
+    token_index = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return (input_ids.reshape(-1)[token_index].unsqueeze(0), labels.reshape(-1)[token_index].unsqueeze(0),
+            cu_seqlens, int(lengths.max()), token_index)
+
+
 class BertForMaskedLM(nn.Module):
     """BERT masked-LM; parameter names are those of `transformers.BertForMaskedLM` (without pooler)."""
 
@@ -301,6 +317,20 @@ class BertForMaskedLM(nn.Module):
             labels = labels.unsqueeze(0) if labels is not None and labels.dim() == 1 else labels
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq] (or [1, total] when packed); got shape {tuple(input_ids.shape)}")
+        n_layers = len(self.bert.encoder.layer)
+        qkv_index = None
+        if return_qkv_layer is not None:
+            qkv_index = return_qkv_layer + n_layers if return_qkv_layer < 0 else return_qkv_layer
+            if not 0 <= qkv_index < n_layers:
+                raise ValueError(f"return_qkv_layer {return_qkv_layer} is out of range for {n_layers} layers")
+        token_index = None  # set when a padded batch runs unpadded: slot of each kept token in the B*S grid
+        if (not packed and labels is not None and attention_mask is not None and not full_logits
+                and not output_hidden_states and qkv_index is None):
+            unpadded = _unpad(input_ids, attention_mask, labels)
+            if unpadded is not None:
+                # Only masked rows leave the model, so pad tokens need no compute at all: run packed.
+                input_ids, labels, cu_seqlens, max_seqlen, token_index = unpadded
+                packed = True
         b, s = input_ids.shape
         device = input_ids.device
         if packed:
@@ -317,13 +347,6 @@ class BertForMaskedLM(nn.Module):
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}; truncate cells or use a config with more positions")
-
-        n_layers = len(self.bert.encoder.layer)
-        qkv_index = None
-        if return_qkv_layer is not None:
-            qkv_index = return_qkv_layer + n_layers if return_qkv_layer < 0 else return_qkv_layer
-            if not 0 <= qkv_index < n_layers:
-                raise ValueError(f"return_qkv_layer {return_qkv_layer} is out of range for {n_layers} layers")
 
         h = self.bert.embeddings(input_ids, position_ids)
         hidden_states = [h] if output_hidden_states else None
@@ -342,7 +365,7 @@ class BertForMaskedLM(nn.Module):
             return out
         flat_labels = labels.reshape(-1).to(device)
         positions = torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)
-        out.masked_positions = positions
+        out.masked_positions = positions if token_index is None else token_index[positions]
         out.masked_labels = flat_labels.index_select(0, positions)
         if full_logits:
             out.logits = head(h)

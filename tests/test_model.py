@@ -341,3 +341,17 @@ def test_te_layers_compute_the_same_function_as_plain_layers(packed):
             got = te_model(ids, mask).logits[mask.bool()].float()
     assert (got - ref).abs().max() <= 5e-2
     assert set(te_model.stock_state_dict()) == set(plain.stock_state_dict())
+
+
+def test_left_padded_batch_with_labels_matches_stock_loss():
+    # Right-padded training batches skip pad tokens internally; any other padding takes the masked-attention path.
+    stock, ours = stock_pair()
+    ids, mask = padded_batch(64, [15, 8])
+    ids, mask = ids.flip(1), mask.flip(1)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 13] = 9, 10
+    with torch.no_grad():
+        out = ours(ids, mask, labels)
+        ref = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.loss, ref.loss, atol=1e-6)
+    assert out.masked_positions.tolist() == [3, 15 + 13]
