@@ -14,10 +14,10 @@ from dataset.gene_tables import GeneColumnMap
 
 TARGET_SUM = 10_000.0
 
-# Ordering rule, exactly: value descending; equal values in ascending token id (vocabulary order).
-# Geneformer ranks with np.argsort(-values) (an unstable quicksort whose tie order depends on the input's
-# column order and numpy's build), so any cell without two exactly equal values matches it token for token;
-# for exact ties this rule is the deterministic one.
+# Ordering rule, exactly: value descending; exactly equal values in ascending token id (vocabulary order).
+# Geneformer ranks with np.argsort(-values), an unstable quicksort whose order of equal values depends on the
+# input's column order and on numpy's build; any cell without two exactly equal values therefore matches it
+# token for token, and for exact ties this rule is the deterministic one.
 _TOKEN_BITS = np.uint64(16)
 _TOKEN_MASK = np.uint64((1 << 16) - 1)
 TIE_BREAK = "value descending; exactly equal values by ascending token id"
@@ -85,25 +85,43 @@ def encode_chunk(
     extra = 2 if cls_id is not None else 0
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(kept + extra, out=offsets[1:])
-    out = np.empty(offsets[-1], dtype=np.uint64)  # token ids < 2^16: viewed as int64 at the end
-    fast = len(tokens) == 0 or tokens.max() < 1 << _TOKEN_BITS
-    if fast:
-        # One uint64 key per entry: the value's bits (positive float64 bits order like the value), complemented
-        # for descending order, with the low bits replaced by the token id. Sorting keys (not argsort) is several
-        # times faster; keys equal above the token bits are checked and that row is redone exactly.
-        keys = ((~values.view(np.uint64)) >> _TOKEN_BITS << _TOKEN_BITS) | tokens.astype(np.uint64)
-    for i in range(n_cells):
+    if len(tokens) and tokens.max() >= 1 << int(_TOKEN_BITS):
+        ranked, exact_rows = tokens, np.arange(n_cells)  # ids do not fit the key: rank every row exactly
+    else:
+        ranked, exact_rows = _rank_by_keys(values, tokens, indptr)
+    # Lay each cell out as [<cls>] + first `kept` ranked genes + [<eos>].
+    position = np.arange(len(ranked), dtype=np.int64) - np.repeat(indptr[:-1], n_genes)
+    keep = position < max_genes
+    destination = np.repeat(offsets[:-1] + (1 if extra else 0), n_genes) + position
+    out = np.empty(offsets[-1], dtype=np.int64)
+    out[destination[keep]] = ranked[keep]
+    for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
-        begin = offsets[i] + (1 if extra else 0)
-        if fast:
-            row = np.sort(keys[start:stop])
-            coarse = row >> _TOKEN_BITS
-            if not (coarse[1:] == coarse[:-1]).any():
-                out[begin : begin + kept[i]] = row[:max_genes] & _TOKEN_MASK
-                continue
         order = np.lexsort((tokens[start:stop], -values[start:stop]))[:max_genes]
+        begin = offsets[i] + (1 if extra else 0)
         out[begin : begin + kept[i]] = tokens[start:stop][order]
     if extra:
         out[offsets[:-1]] = cls_id
         out[offsets[1:] - 1] = eos_id
-    return EncodedChunk(tokens=out.view(np.int64), offsets=offsets, n_genes=n_genes.astype(np.int64))
+    return EncodedChunk(tokens=out, offsets=offsets, n_genes=n_genes.astype(np.int64))
+
+
+def _rank_by_keys(values: np.ndarray, tokens: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank each row through one uint64 key per entry; return ranked tokens and the rows to redo exactly.
+
+    Key = the value's float64 bits (for positive floats they order like the value), complemented for descending
+    order, with the low 16 bits replaced by the token id. Sorting keys in place is several times faster than an
+    argsort; two keys of a row equal above the token bits (values within ~1e-11 relative, or exact ties) send
+    that row to the exact path, so the result is always exactly "value descending, then token id ascending".
+    """
+    keys = ((~values.view(np.uint64)) >> _TOKEN_BITS << _TOKEN_BITS) | tokens.astype(np.uint64)
+    bounds = indptr.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        keys[start:stop].sort()
+    coarse = keys >> _TOKEN_BITS
+    same = coarse[1:] == coarse[:-1]
+    boundaries = indptr[1:-1]
+    same[boundaries[(boundaries > 0) & (boundaries < len(keys))] - 1] = False  # pairs across two rows
+    exact_rows = np.unique(np.searchsorted(indptr, np.flatnonzero(same), side="right") - 1)
+    return (keys & _TOKEN_MASK).view(np.int64), exact_rows
+

@@ -73,6 +73,9 @@ class _Input:
 def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, allow_non_integer: bool) -> int:
     """Raise on negative/NaN counts; return how many cells hold non-integer counts (an error unless allowed)."""
     data = matrix.data
+    whole = np.floor(data) == data  # False for NaN
+    if whole.all() and (len(data) == 0 or (data.min() >= 0 and data.max() < np.inf)):
+        return 0
     bad = ~np.isfinite(data) | (data < 0)
     if bad.any():
         row = first_row + int(np.searchsorted(matrix.indptr, np.flatnonzero(bad)[0], side="right") - 1)
@@ -80,9 +83,7 @@ def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, al
             f"{source.path}: {source.matrix} holds a negative or non-finite value in cell row {row}; "
             "the tokenizer needs raw counts (pick the counts matrix with --layer)"
         )
-    fractional = data != np.floor(data)
-    if not fractional.any():
-        return 0
+    fractional = ~whole
     rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(fractional), side="right") - 1)
     if not allow_non_integer:
         example = data[np.flatnonzero(fractional)[0]]
@@ -99,23 +100,35 @@ def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, al
     return len(rows)
 
 
+def _row_sums(matrix: sp.csr_matrix) -> np.ndarray:
+    """Each cell's total count over all its genes, in float64."""
+    totals = np.zeros(matrix.shape[0])
+    nonempty = np.diff(matrix.indptr) > 0
+    if nonempty.any():  # reduceat misreads empty rows, so only rows with entries take part
+        totals[nonempty] = np.add.reduceat(matrix.data, matrix.indptr[:-1][nonempty])
+    return totals
+
+
+def _row_nonzeros(matrix: sp.csr_matrix) -> np.ndarray:
+    nonzero_before = np.zeros(matrix.nnz + 1, dtype=np.int64)
+    np.cumsum(matrix.data != 0, out=nonzero_before[1:])
+    return np.diff(nonzero_before[matrix.indptr])
+
+
 def _passing_chunks(
     item: _Input, column_map: GeneColumnMap, settings: dict, stats: _Stats | None, obs_columns: Sequence[str]
 ) -> Iterator[tuple[sp.csr_matrix, np.ndarray, dict[str, np.ndarray]]]:
     """Chunks of cells that pass the filters: (counts per vocabulary slot, cell totals over all genes, obs)."""
     first_row = 0
     for matrix, obs in item.source.iter_chunks(settings["chunk_size"], obs_columns):
+        matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
         non_integer = _check_counts(matrix, item.source, first_row, settings["allow_non_integer"])
         first_row += matrix.shape[0]
-        totals = np.add.reduceat(matrix.data.astype(np.float64), matrix.indptr[:-1]) if matrix.nnz else None
-        if totals is None:
-            totals = np.zeros(matrix.shape[0])
-        else:
-            totals[np.diff(matrix.indptr) == 0] = 0.0  # reduceat repeats the next value for empty rows
-        n_expressed = np.diff(np.concatenate([[0], np.cumsum(matrix.data != 0)])[matrix.indptr])
+        totals = _row_sums(matrix)
+        n_expressed = _row_nonzeros(matrix) if settings["min_genes"] > 0 else None
         aggregated = aggregate_to_vocabulary(matrix, column_map)
         enough_counts = totals >= settings["min_counts"]
-        enough_genes = n_expressed >= settings["min_genes"]
+        enough_genes = n_expressed >= settings["min_genes"] if n_expressed is not None else np.ones_like(enough_counts)
         has_vocab_gene = np.diff(aggregated.indptr) > 0
         keep = enough_counts & enough_genes & has_vocab_gene
         if stats is not None:

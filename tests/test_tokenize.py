@@ -198,6 +198,16 @@ def test_symbols_map_through_a_gene_name_table(tmp_path, tables):
     assert manifest["genes"][0]["mapped_to_ensembl"] == 5
 
 
+def test_empty_cells_are_left_out(tmp_path, tables):
+    vocab, medians = tables
+    empty = np.zeros((1, len(GENES)), dtype=np.float32)
+    counts = np.vstack([empty, COUNTS[:1], empty, COUNTS[2:], empty, empty])
+    anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=GENES)).write_h5ad(tmp_path / "e.h5ad")
+    manifest = tokenize_counts(tmp_path / "e.h5ad", tmp_path / "out", vocab=vocab, medians=medians, chunk_size=4)
+    assert _ids(_read(tmp_path / "out")) == [EXPECTED_V1[0], *EXPECTED_V1[1:]]
+    assert manifest["cells"]["no_vocabulary_genes"] == 4
+
+
 def test_cell_filters(tmp_path, tables):
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
@@ -432,3 +442,30 @@ def test_command_line(tmp_path, tables, capsys):
     assert _ids(_read(tmp_path / "out")) == EXPECTED_V1
     assert main([str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "out2"), "--vocab", str(vocab)]) == 2
     assert "--compute-medians" in capsys.readouterr().err
+
+
+def test_ranking_rule_on_random_cells_with_ties_and_near_ties():
+    """Value descending, exactly equal values by token id, also for values equal to ~1e-13 (and across chunks)."""
+    from dataset.gene_tables import GeneColumnMap
+    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+
+    rng = np.random.default_rng(3)
+    n_genes = 300
+    near_one = np.nextafter(1.0, 2.0) + 1e-13
+    medians = rng.choice([1.0, 2.0, near_one, 0.5], n_genes)  # few distinct medians: many ties, some near-ties
+    token_ids = np.arange(10, 10 + n_genes)
+    column_map = GeneColumnMap(target=rng.permutation(n_genes), token_ids=token_ids, medians=medians,
+                               gene_ids=tuple(map(str, range(n_genes))), n_columns=n_genes,
+                               n_mapped_to_ensembl=n_genes)
+    counts = sp.random(40, n_genes, density=0.4, format="csr", random_state=4, data_rvs=lambda k: rng.integers(1, 4, k))
+    counts.data = counts.data.astype(np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    aggregated = aggregate_to_vocabulary(counts, column_map)
+    encoded = encode_chunk(aggregated, totals, column_map, max_genes=50)
+    dense = np.zeros((40, n_genes))
+    dense[:, column_map.target] = counts.toarray()
+    for i in range(40):
+        slots = np.flatnonzero(dense[i])
+        values = dense[i, slots] / totals[i] * 10_000 / medians[slots]
+        expected = sorted(zip(-values, token_ids[slots], strict=True))[:50]
+        assert encoded.tokens[encoded.offsets[i] : encoded.offsets[i + 1]].tolist() == [t for _, t in expected]
