@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="parquet file, shard directory or Arrow directory (default: the built-in corpus)")
     p.add_argument("--vocab", default=None, help="vocab.txt or token-dictionary .pkl (default: vocab.txt beside --data)")
     p.add_argument("--builtin-dir", default="outputs/builtin_corpus", help="where the built-in corpus is kept")
+    p.add_argument("--builtin-cells", type=int, default=4000, help="size of the built-in corpus, as training's")
     p.add_argument("--out", default="outputs/evaluate", help="output directory (results.json, table.txt, PNGs)")
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
                    help="'heldout': training's held-out cells; 'all': every cell (a corpus no model trained on)")
@@ -169,7 +170,8 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
     vocab_sizes = {name: m.config.vocab_size for name, m in models.items()}
     if len(set(vocab_sizes.values())) != 1:
         raise ValueError(f"models have different vocabularies {vocab_sizes}; KL and agreement need one vocabulary")
-    data_cfg = DataConfig(path=args.data, vocab=args.vocab, builtin_dir=args.builtin_dir)
+    data_cfg = DataConfig(path=args.data, vocab=args.vocab, builtin_dir=args.builtin_dir,
+                          builtin_cells=args.builtin_cells)
     data_path = resolve_data_path(data_cfg, ctx)
     vocab = resolve_vocab(data_cfg, data_path, next(iter(vocab_sizes.values())))
     max_length = args.max_length or min(m.config.max_position_embeddings for m in models.values())
