@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 import transformers
 from torch import nn
@@ -352,7 +353,11 @@ class BertForMaskedLM(nn.Module):
         hidden_states = [h] if output_hidden_states else None
         qkv = None
         for i, layer in enumerate(self.bert.encoder.layer):
-            h, layer_qkv = layer(h, layout, i == qkv_index)
+            if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the layer input, recompute the rest in backward.
+                h, layer_qkv = torch.utils.checkpoint.checkpoint(layer, h, layout, i == qkv_index, use_reentrant=False)
+            else:
+                h, layer_qkv = layer(h, layout, i == qkv_index)
             if layer_qkv is not None:
                 qkv = layer_qkv
             if hidden_states is not None:

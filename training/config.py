@@ -70,6 +70,7 @@ class TrainingConfig:
     compile: bool = False
     fp8: str = "off"  # off | torchao (float8 on nn.Linear)
     nonfinite: str = "stop"  # stop | skip
+    stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
 
     def validate(self) -> None:
         _one_of(self.strategy, "training.strategy", ("ddp", "fsdp2"))
@@ -85,6 +86,8 @@ class TrainingConfig:
         _require(0 <= self.warmup_steps < self.num_train_steps, "training.warmup_steps",
                  f"must be in [0, num_train_steps={self.num_train_steps})")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "training.min_lr_ratio", "must be in [0, 1]")
+        _require(self.stop_after_steps is None or self.stop_after_steps > 0, "training.stop_after_steps",
+                 "must be > 0 or null")
         _require(self.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 disables clipping)")
 
 

@@ -76,7 +76,7 @@ def run_loop(parts: LoopParts, cfg: RunConfig) -> LoopResult:
     parts.logger.set_position(state.step)
     batches = iter(parts.train_loader)
     meter = ThroughputMeter(parts.ctx.device, parts.ctx.world_size)
-    skipped, preempted = 0, False
+    skipped, preempted, first_step = 0, False, state.step
     with PreemptionWatcher() as watcher:
         while state.step < tcfg.num_train_steps and not preempted:
             micro_batches = [next(batches) for _ in range(tcfg.grad_accum_steps)]
@@ -93,12 +93,14 @@ def run_loop(parts: LoopParts, cfg: RunConfig) -> LoopResult:
             state.step += 1
             meter.add(micro_batches)
             _log_and_evaluate(parts, cfg, state.step, metrics, meter, skipped)
-            preempted = watcher.stop_requested()
+            preempted = watcher.stop_requested() or (
+                tcfg.stop_after_steps is not None and state.step - first_step >= tcfg.stop_after_steps)
             if preempted or state.step % cfg.checkpoint.every_steps == 0 or state.step == tcfg.num_train_steps:
                 parts.checkpointer.save(state)
     parts.checkpointer.wait()
     if preempted:
-        log.warning("stopped by a preemption signal at step %d after checkpointing; relaunch to continue", state.step)
+        log.warning("stopped at step %d after checkpointing (preemption signal or stop_after_steps); relaunch to "
+                    "continue", state.step)
     return LoopResult(step=state.step, preempted=preempted, skipped_steps=skipped)
 
 

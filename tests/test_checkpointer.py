@@ -1,0 +1,100 @@
+"""Checkpoints count only once committed; a broken newest one is reported by name and the previous one is used.
+
+Runs in one process (DCP works without a process group); multi-rank behaviour is tested through torchrun.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpointing.checkpointer import Checkpointer, NoUsableCheckpointError, TrainState, committed_checkpoints
+
+
+class _Loader:
+    def __init__(self):
+        self.position = 0
+
+    def state_dict(self):
+        return {"epoch": 0, "global_position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["global_position"]
+
+
+def _state(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return TrainState(model, optimizer, scheduler, _Loader())
+
+
+def _train_and_save(root, steps):
+    state = _state()
+    checkpointer = Checkpointer(root, rank=0, keep_last=5)
+    for step in steps:
+        state.step = step
+        state.loader.position = step * 10
+        with torch.no_grad():
+            state.model[0].weight.fill_(step)
+        checkpointer.save(state)
+    return checkpointer
+
+
+def test_resume_takes_the_newest_committed_step_and_restores_everything(tmp_path):
+    _train_and_save(tmp_path, [2, 4])
+    state = _state(seed=1)
+    assert Checkpointer(tmp_path, rank=0).resume(state) == 4
+    assert state.step == 4 and state.loader.position == 40
+    assert torch.all(state.model[0].weight == 4)
+
+
+def test_an_uncommitted_newest_checkpoint_is_skipped_with_its_name(tmp_path, caplog):
+    _train_and_save(tmp_path, [2, 4])
+    (tmp_path / "step_00000004" / "COMMITTED.json").unlink()  # as if killed before the commit
+    state = _state()
+    assert Checkpointer(tmp_path, rank=0).resume(state) == 2
+    assert "step_00000004: incomplete" in caplog.text
+
+
+def test_a_truncated_shard_is_reported_and_the_previous_checkpoint_used(tmp_path, caplog):
+    _train_and_save(tmp_path, [2, 4])
+    shard = next((tmp_path / "step_00000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    assert Checkpointer(tmp_path, rank=0).resume(_state()) == 2
+    assert f"{shard.name} has 10 bytes" in caplog.text
+    assert shard.exists()  # the evidence is left in place
+
+
+def test_foreign_files_make_a_checkpoint_suspect(tmp_path, caplog):
+    _train_and_save(tmp_path, [2, 4])
+    (tmp_path / "step_00000004" / "stray.tmp").write_text("x")
+    assert Checkpointer(tmp_path, rank=0).resume(_state()) == 2
+    assert "stray.tmp" in caplog.text
+
+
+def test_no_usable_checkpoint_stops_instead_of_restarting_from_zero(tmp_path):
+    _train_and_save(tmp_path, [2])
+    next((tmp_path / "step_00000002").glob("*.distcp")).unlink()
+    with pytest.raises(NoUsableCheckpointError, match="is missing"):
+        Checkpointer(tmp_path, rank=0).resume(_state())
+
+
+def test_keeps_the_last_k_and_moves_a_leftover_directory_aside(tmp_path):
+    (tmp_path / "step_00000006").mkdir(parents=True)  # a crashed earlier save of step 6
+    checkpointer = _train_and_save(tmp_path, [2, 4, 6])
+    checkpointer.keep_last = 2
+    _train_and_save(tmp_path, [8])
+    good, _ = committed_checkpoints(tmp_path)
+    assert [s for s, _ in good] == [8, 6, 4] or [s for s, _ in good][:2] == [8, 6]
+    assert list(tmp_path.glob("step_00000006.incomplete-*"))
+
+
+def test_async_save_commits_when_waited_for(tmp_path):
+    state = _state()
+    checkpointer = Checkpointer(tmp_path, rank=0, async_save=True)
+    state.step = 3
+    checkpointer.save(state)
+    checkpointer.wait()
+    assert [s for s, _ in committed_checkpoints(tmp_path)[0]] == [3]

@@ -1,0 +1,62 @@
+"""Config validation: every bad value fails before any heavy work, with one line naming the key.
+
+Also checks that every shipped run config composes and validates.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.launch import REPO
+from training.config import ConfigError, parse_config
+
+TRAIN_CONFIGS = ["l0_sanity", "10m", "106m", "316m", "4b"]
+DISTILL_CONFIGS = ["l0_sanity", "4m", "3m", "2m"]
+
+
+def _compose(config_dir, name, overrides=()):
+    # output_dir defaults to a ${hydra:...} interpolation that only a launched job can resolve.
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return compose(config_name=name, overrides=["output_dir=/tmp/unused", *overrides])
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_every_training_config_validates(name):
+    run = parse_config(_compose(REPO / "hydra_config", name))
+    assert run.model["vocab_size"] == 25426 and run.distill is None
+
+
+@pytest.mark.parametrize("name", DISTILL_CONFIGS)
+def test_every_distillation_config_validates(name):
+    run = parse_config(_compose(REPO / "hydra_config" / "distill", name))
+    assert run.distill is not None and run.distill.kd_weight > 0
+
+
+@pytest.mark.parametrize(("override", "names"), [
+    ("training.strategy=zero3", ["training.strategy", "ddp, fsdp2"]),
+    ("training.num_train_steps=0", ["training.num_train_steps"]),
+    ("data.max_tokens=-5", ["data.max_tokens"]),
+    ("data.mask_prob=1.5", ["data.mask_prob"]),
+    ("training.warmup_steps=1000", ["training.warmup_steps"]),
+    ("training.nonfinite=ignore", ["training.nonfinite", "stop, skip"]),
+    ("training.lr=fast", ["training.lr"]),
+])
+def test_bad_values_name_the_key_and_the_allowed_values(override, names):
+    with pytest.raises(ConfigError) as error:
+        parse_config(_compose(REPO / "hydra_config", "l0_sanity", [override]))
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ConfigError, match="unknown config key 'training.learning_rate'"):
+        parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["+training.learning_rate=0.1"]))
+
+
+def test_heads_must_divide_hidden():
+    from training.builders import model_config_from_dict
+
+    run = parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["model.num_attention_heads=3"]))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        model_config_from_dict(run.model)
