@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="corpus column for probes and colours (default: cell_type when present; 'none' = off)")
     p.add_argument("--layer", type=int, default=-1, help="hidden state for embeddings: 0 = embedding output, -1 = last")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the probes' stratified split")
-    p.add_argument("--runs", nargs="*", default=[], metavar="NAME=METRICS_JSONL",
-                   help="training runs whose metrics.jsonl go on one training-curves figure")
+    p.add_argument("--runs", nargs="*", default=[], metavar="NAME=PATH",
+                   help="runs to draw on one training-curves figure: a run's output_dir (its train.jsonl or "
+                        "distill.jsonl) or the metrics .jsonl file itself")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -264,11 +265,22 @@ def _parse_runs(runs: list[str]) -> dict[str, Path]:
     for item in runs:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--runs {item!r}: expected NAME=path/to/metrics.jsonl")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--runs {name}: {path} does not exist; point it at a run's metrics.jsonl")
-        parsed[name] = Path(path)
+            raise ValueError(f"--runs {item!r}: expected NAME=PATH (a run's output_dir or its .jsonl metrics file)")
+        parsed[name] = _metrics_file(name, Path(path))
     return parsed
+
+
+def _metrics_file(name: str, path: Path) -> Path:
+    if path.is_dir():
+        found = [path / f for f in ("train.jsonl", "distill.jsonl") if (path / f).is_file()]
+        if len(found) != 1:
+            raise FileNotFoundError(f"--runs {name}: {path} holds {len(found)} of train.jsonl / distill.jsonl; "
+                                    "name the metrics file itself")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"--runs {name}: {path} does not exist; give a run's output_dir or its "
+                                "train.jsonl / distill.jsonl metrics file")
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict | None:

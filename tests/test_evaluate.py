@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +21,14 @@ from dataset.corpus import CellCorpus
 from dataset.vocab import Vocabulary
 from evaluation.embeddings import read_embeddings
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
-from tests.launch import REAL_CELLS, REPO, V1_VOCAB
 from training.builders import build_data, fixed_eval_batches
 from training.config import DataConfig, RunConfig
 from training.distributed import DistributedContext
 
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_CELLS = SHARED_DATA / "genecorpus_500_samples.parquet"
+V1_VOCAB = SHARED_DATA / "geneformer" / "V1" / "vocab.txt"
 FAST = ["--max-length", "64", "--max-tokens", "1024"]
 
 
@@ -53,11 +57,13 @@ def _run(workspace, out, *extra: str) -> dict:
 
 
 def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_figures(workspace, tmp_path, capsys):
-    runs = tmp_path / "metrics.jsonl"
+    runs = tmp_path / "run" / "train.jsonl"
+    runs.parent.mkdir()
     runs.write_text("\n".join(json.dumps(r) for r in [
         {"kind": "train", "step": 1, "loss": 10.0, "lr": 1e-3}, {"kind": "train", "step": 2, "loss": 9.0, "lr": 1e-3},
         {"kind": "eval", "step": 2, "loss": 9.5, "accuracy": 0.01}]) + "\n")
-    results = _run(workspace, tmp_path / "out", "--split", "all", "--max-cells", "96", "--runs", f"teacher={runs}")
+    results = _run(workspace, tmp_path / "out", "--split", "all", "--max-cells", "96", "--runs", f"teacher={runs.parent}",
+                   f"same={runs}")
 
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -133,7 +139,7 @@ def test_user_errors_name_the_fix(workspace, tmp_path):
         _run(workspace, tmp_path, "--vocab", str(small_vocab))
     with pytest.raises(ValueError, match="out of range for a model of 2 layers"):
         _run(workspace, tmp_path, "--layer", "5")
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match="train.jsonl / distill.jsonl"):
         _run(workspace, tmp_path, "--runs", f"x={tmp_path / 'missing.jsonl'}")
 
 
