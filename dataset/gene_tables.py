@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ class GeneColumnMap:
     def n_slots(self) -> int:
         return len(self.token_ids)
 
-    @property
+    @cached_property
     def has_duplicates(self) -> bool:
         kept = self.target[self.target >= 0]
         return len(kept) != len(np.unique(kept))

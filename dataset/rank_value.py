@@ -44,6 +44,11 @@ def aggregate_to_vocabulary(counts: sp.csr_matrix, column_map: GeneColumnMap) ->
     """
     target = column_map.target[counts.indices]
     keep = (target >= 0) & (counts.data != 0)
+    if keep.all() and not column_map.has_duplicates:  # every entry maps to its own gene: no copy needed
+        out = sp.csr_matrix((counts.data.astype(np.float64, copy=False), target, counts.indptr),
+                            shape=(counts.shape[0], column_map.n_slots))
+        out.has_sorted_indices = False
+        return out
     kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
     indptr = kept_before[counts.indptr]
@@ -58,8 +63,10 @@ def aggregate_to_vocabulary(counts: sp.csr_matrix, column_map: GeneColumnMap) ->
 
 def normalized_values(aggregated: sp.csr_matrix, totals: np.ndarray, medians: np.ndarray) -> np.ndarray:
     """count / cell total * 10,000 / gene median, in float64 and in Geneformer's order of operations."""
-    row_total = np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
-    return aggregated.data / row_total * TARGET_SUM / medians[aggregated.indices]
+    values = aggregated.data / np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
+    values *= TARGET_SUM  # in place: same rounding as the expression, fewer temporaries
+    values /= medians[aggregated.indices]
+    return values
 
 
 def encode_chunk(
@@ -85,16 +92,12 @@ def encode_chunk(
     extra = 2 if cls_id is not None else 0
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(kept + extra, out=offsets[1:])
-    if len(tokens) and tokens.max() >= 1 << int(_TOKEN_BITS):
-        ranked, exact_rows = tokens, np.arange(n_cells)  # ids do not fit the key: rank every row exactly
-    else:
-        ranked, exact_rows = _rank_by_keys(values, tokens, indptr)
-    # Lay each cell out as [<cls>] + first `kept` ranked genes + [<eos>].
-    position = np.arange(len(ranked), dtype=np.int64) - np.repeat(indptr[:-1], n_genes)
-    keep = position < max_genes
-    destination = np.repeat(offsets[:-1] + (1 if extra else 0), n_genes) + position
+    begins = offsets[:-1] + (1 if extra else 0)
     out = np.empty(offsets[-1], dtype=np.int64)
-    out[destination[keep]] = ranked[keep]
+    if len(tokens) and tokens.max() >= 1 << int(_TOKEN_BITS):
+        exact_rows = np.arange(n_cells)  # ids do not fit the key: rank every row exactly
+    else:
+        exact_rows = _rank_by_keys(values, tokens, indptr, begins, kept, out)
     for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
         order = np.lexsort((tokens[start:stop], -values[start:stop]))[:max_genes]
@@ -106,22 +109,29 @@ def encode_chunk(
     return EncodedChunk(tokens=out, offsets=offsets, n_genes=n_genes.astype(np.int64))
 
 
-def _rank_by_keys(values: np.ndarray, tokens: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rank each row through one uint64 key per entry; return ranked tokens and the rows to redo exactly.
+def _rank_by_keys(
+    values: np.ndarray, tokens: np.ndarray, indptr: np.ndarray, begins: np.ndarray, kept: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """Write each row's top `kept` tokens to `out[begin:]` through uint64 sort keys; return rows to redo exactly.
 
     Key = the value's float64 bits (for positive floats they order like the value), complemented for descending
     order, with the low 16 bits replaced by the token id. Sorting keys in place is several times faster than an
     argsort; two keys of a row equal above the token bits (values within ~1e-11 relative, or exact ties) send
     that row to the exact path, so the result is always exactly "value descending, then token id ascending".
     """
-    keys = ((~values.view(np.uint64)) >> _TOKEN_BITS << _TOKEN_BITS) | tokens.astype(np.uint64)
-    bounds = indptr.tolist()
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        keys[start:stop].sort()
+    keys = ~values.view(np.uint64)
+    keys >>= _TOKEN_BITS
+    keys <<= _TOKEN_BITS
+    keys |= tokens.view(np.uint64)  # ids are >= 0 and < 2^16
+    out_keys = out.view(np.uint64)
+    bounds, starts, lengths = indptr.tolist(), begins.tolist(), kept.tolist()
+    for i, begin in enumerate(starts):
+        row = keys[bounds[i] : bounds[i + 1]]
+        row.sort()
+        out_keys[begin : begin + lengths[i]] = row[: lengths[i]]
     coarse = keys >> _TOKEN_BITS
     same = coarse[1:] == coarse[:-1]
     boundaries = indptr[1:-1]
     same[boundaries[(boundaries > 0) & (boundaries < len(keys))] - 1] = False  # pairs across two rows
-    exact_rows = np.unique(np.searchsorted(indptr, np.flatnonzero(same), side="right") - 1)
-    return (keys & _TOKEN_MASK).view(np.int64), exact_rows
-
+    out_keys &= _TOKEN_MASK  # every slot but <cls>/<eos> (set later) holds a key: keep its token bits
+    return np.unique(np.searchsorted(indptr, np.flatnonzero(same), side="right") - 1)
