@@ -197,6 +197,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
     index = embeddings[names[0]].cell_index
     metadata = {col: _take(corpus.column(col), index) for col in corpus.column_names if col != "input_ids"}
     labels = metadata.get(label_column) if label_column else None
+    # cells/s: the inference forward pass of the embedding extraction (all ranks' cells over the slowest rank's time).
     extra = {name: {"parameters": count_parameters(models[name]),
                     "cells_per_s": len(index) / max(embeddings[name].seconds, 1e-9)} for name in names}
     files = {}

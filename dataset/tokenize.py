@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -195,7 +196,7 @@ def _shard_writer(tmp_dir: Path, index: int, schema: pa.Schema) -> tuple[str, pq
 
 def _obs_array(values: np.ndarray) -> pa.Array:
     if values.dtype.kind in ("O", "U", "S"):
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+        return pa.array([None if pd.isna(v) else str(v) for v in values], type=pa.string())  # missing stays null
     return pa.array(values)
 
 

@@ -16,12 +16,14 @@ SCRIPT=${SCRIPT:-train.py}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
-# --signal above sends SIGUSR1 five minutes before the time limit; forward it so every rank checkpoints.
-trap 'kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
+# --signal above sends SIGUSR1 to this script five minutes before the time limit. srun forwards SIGTERM to the
+# torchrun agents, which pass it to every rank: each checkpoints at the end of its step and exits 0.
+trap 'kill -TERM "$SRUN_PID" 2>/dev/null' USR1
 
 srun --kill-on-bad-exit=1 torchrun \
     --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:29500" --rdzv-id="$SLURM_JOB_ID" \
     "$SCRIPT" --config-name "$CONFIG" "$@" &
 SRUN_PID=$!
-wait "$SRUN_PID"
+# `wait` returns early when the trap fires; keep waiting until the ranks have checkpointed and exited.
+while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID" || true; done
