@@ -34,6 +34,8 @@ class StudentWithProjections(nn.Module):
 
     def forward(self, *, want_hidden: list[int] = (), **student_kwargs):
         out = self.student(output_hidden_states=bool(want_hidden), **student_kwargs)
+        if not want_hidden:  # evaluation, or no hidden-state loss
+            return out, []
         projected = [proj(out.hidden_states[i]) for proj, i in zip(self.projections, want_hidden, strict=True)]
         return out, projected
 

@@ -1,6 +1,6 @@
 """Start-up shared by the entry points: logging format, typed config, distributed context, clean exit.
 
-A user error (bad config, path, vocabulary) ends the run with one clear line, not a traceback.
+A user error (bad config, path, vocabulary) ends the run with one clear line; RECIPE_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     level = logging.INFO if rank == "0" else logging.WARNING
+    if os.environ.get("RECIPE_DEBUG"):
+        level = logging.DEBUG
     logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
 
@@ -38,6 +40,7 @@ def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], No
         job(run, ctx)
     except USER_ERRORS as error:
         logging.getLogger("run").error("%s", error)
+        logging.getLogger("run").debug("traceback of the error above", exc_info=True)
         sys.exit(2)
     finally:
         shutdown_distributed()
