@@ -89,7 +89,8 @@ def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Pa
     print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for both)\n"
           + format_side_by_side(results, params))
     out = Path(run.output_dir) / "distill_eval.json"
-    out.write_text(json.dumps({"step": last["step"], "results": results, "parameters": params}, indent=2))
+    counts = {side: rows["parameters"] for side, rows in params.items()}
+    out.write_text(json.dumps({"step": last["step"], "results": results, "parameters": counts}, indent=2))
 
 
 def distil(run: RunConfig, ctx: DistributedContext) -> None:

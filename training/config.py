@@ -172,6 +172,8 @@ class RunConfig:
     distill: DistillConfig | None = None
 
     def validate(self) -> RunConfig:
+        _require(self.training.fp8 == "off" or self.data.pad_to_multiple_of % 16 == 0, "data.pad_to_multiple_of",
+                 "must be a multiple of 16 with training.fp8 (FP8 GEMMs need dimensions divisible by 16)")
         for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill):
             if part is not None:
                 part.validate()

@@ -22,6 +22,7 @@ from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext, barrier
 from training.evaluation import packed_kwargs
+from training.float8 import apply_float8
 from training.loop import LoopParts, LoopResult, run_loop
 from training.metrics_log import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
@@ -56,6 +57,8 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     """Train `task` to `num_train_steps` (resuming if checkpoints exist); export at the end."""
     tcfg = run.training
     dtype = compute_dtype(tcfg.precision, ctx.device)
+    if tcfg.fp8 == "torchao":
+        apply_float8(task.trainable)
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
                         activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
     optimizer = build_optimizer(model, tcfg, ctx.device)
