@@ -97,7 +97,7 @@ def encode_chunk(
     if len(tokens) and tokens.max() >= 1 << int(_TOKEN_BITS):
         exact_rows = np.arange(n_cells)  # ids do not fit the key: rank every row exactly
     else:
-        exact_rows = _rank_by_keys(values, tokens, indptr, begins, kept, out)
+        exact_rows = _rank_by_keys(values, tokens, indptr, offsets, begins, kept, out)
     for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
         order = np.lexsort((tokens[start:stop], -values[start:stop]))[:max_genes]
@@ -110,28 +110,46 @@ def encode_chunk(
 
 
 def _rank_by_keys(
-    values: np.ndarray, tokens: np.ndarray, indptr: np.ndarray, begins: np.ndarray, kept: np.ndarray, out: np.ndarray
+    values: np.ndarray,
+    tokens: np.ndarray,
+    indptr: np.ndarray,
+    offsets: np.ndarray,
+    begins: np.ndarray,
+    kept: np.ndarray,
+    out: np.ndarray,
 ) -> np.ndarray:
     """Write each row's top `kept` tokens to `out[begin:]` through uint64 sort keys; return rows to redo exactly.
 
     Key = the value's float64 bits (for positive floats they order like the value), complemented for descending
     order, with the low 16 bits replaced by the token id. Sorting keys in place is several times faster than an
-    argsort; two keys of a row equal above the token bits (values within ~1e-11 relative, or exact ties) send
-    that row to the exact path, so the result is always exactly "value descending, then token id ascending".
+    argsort; two keys of a row equal above the token bits (values within ~1e-11 relative, or exact ties) among
+    the kept genes or across the truncation point send that row to the exact path, so the result is always
+    exactly "value descending, then token id ascending".
     """
     keys = ~values.view(np.uint64)
     keys >>= _TOKEN_BITS
     keys <<= _TOKEN_BITS
     keys |= tokens.view(np.uint64)  # ids are >= 0 and < 2^16
     out_keys = out.view(np.uint64)
+    first_dropped = np.zeros(len(kept), dtype=np.uint64)  # smallest key past the truncation point, if any
     bounds, starts, lengths = indptr.tolist(), begins.tolist(), kept.tolist()
     for i, begin in enumerate(starts):
-        row = keys[bounds[i] : bounds[i + 1]]
+        row, n = keys[bounds[i] : bounds[i + 1]], lengths[i]
+        if len(row) > n:  # only the top n need sorting
+            row.partition(n - 1)
+            first_dropped[i] = row[n:].min()
+            row = row[:n]
         row.sort()
-        out_keys[begin : begin + lengths[i]] = row[: lengths[i]]
-    coarse = keys >> _TOKEN_BITS
+        out_keys[begin : begin + n] = row
+    coarse = out_keys >> _TOKEN_BITS
     same = coarse[1:] == coarse[:-1]
-    boundaries = indptr[1:-1]
-    same[boundaries[(boundaries > 0) & (boundaries < len(keys))] - 1] = False  # pairs across two rows
+    # Pairs that straddle two cells or touch the (not yet written) <cls>/<eos> slots do not count.
+    last = begins + kept - 1
+    for edge in (begins - 1, last, offsets[1:] - 1):
+        same[edge[(edge >= 0) & (edge < len(same))]] = False
+    tied = np.zeros(len(kept) + 1, dtype=bool)
+    tied[np.searchsorted(begins, np.flatnonzero(same), side="right") - 1] = True
+    truncated = np.flatnonzero(first_dropped)
+    tied[truncated] |= (first_dropped[truncated] >> _TOKEN_BITS) == coarse[last[truncated]]
     out_keys &= _TOKEN_MASK  # every slot but <cls>/<eos> (set later) holds a key: keep its token bits
-    return np.unique(np.searchsorted(indptr, np.flatnonzero(same), side="right") - 1)
+    return np.flatnonzero(tied[:-1])

@@ -444,7 +444,8 @@ def test_command_line(tmp_path, tables, capsys):
     assert "--compute-medians" in capsys.readouterr().err
 
 
-def test_ranking_rule_on_random_cells_with_ties_and_near_ties():
+@pytest.mark.parametrize(("max_genes", "v2"), [(50, False), (50, True), (1000, False)])
+def test_ranking_rule_on_random_cells_with_ties_and_near_ties(max_genes, v2):
     """Value descending, exactly equal values by token id, also for values equal to ~1e-13 (and across chunks)."""
     from dataset.gene_tables import GeneColumnMap
     from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
@@ -461,11 +462,26 @@ def test_ranking_rule_on_random_cells_with_ties_and_near_ties():
     counts.data = counts.data.astype(np.float64)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     aggregated = aggregate_to_vocabulary(counts, column_map)
-    encoded = encode_chunk(aggregated, totals, column_map, max_genes=50)
+    specials = {"cls_id": 0, "eos_id": 1} if v2 else {}
+    encoded = encode_chunk(aggregated, totals, column_map, max_genes=max_genes, **specials)
     dense = np.zeros((40, n_genes))
     dense[:, column_map.target] = counts.toarray()
     for i in range(40):
         slots = np.flatnonzero(dense[i])
         values = dense[i, slots] / totals[i] * 10_000 / medians[slots]
-        expected = sorted(zip(-values, token_ids[slots], strict=True))[:50]
-        assert encoded.tokens[encoded.offsets[i] : encoded.offsets[i + 1]].tolist() == [t for _, t in expected]
+        expected = [t for _, t in sorted(zip(-values, token_ids[slots], strict=True))[:max_genes]]
+        expected = [0, *expected, 1] if v2 else expected
+        assert encoded.tokens[encoded.offsets[i] : encoded.offsets[i + 1]].tolist() == expected
+
+
+def test_near_tie_at_the_truncation_point_keeps_the_larger_value():
+    """Two values equal to 1e-13 straddle the cut: the larger one is kept even though its token id is higher."""
+    from dataset.gene_tables import GeneColumnMap
+    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+
+    medians = np.array([1.0, 1.0 + 1e-13, 1.0])  # token 11's value is a hair below token 12's
+    column_map = GeneColumnMap(target=np.arange(3), token_ids=np.array([10, 11, 12]), medians=medians,
+                               gene_ids=("a", "b", "c"), n_columns=3, n_mapped_to_ensembl=3)
+    counts = sp.csr_matrix(np.array([[5.0, 2.0, 2.0]]))
+    encoded = encode_chunk(aggregate_to_vocabulary(counts, column_map), np.array([9.0]), column_map, max_genes=2)
+    assert encoded.tokens.tolist() == [10, 12]
