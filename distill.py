@@ -16,7 +16,12 @@ import torch
 from omegaconf import DictConfig
 
 from distillation.student_init import init_student_from_teacher
-from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map, evaluate_side_by_side
+from distillation.task import (
+    DistillationLoss,
+    StudentWithProjections,
+    default_layer_map,
+    evaluate_side_by_side,
+)
 from distillation.teacher import check_teacher, load_teacher, weights_sha256
 from training.builders import build_data, build_model, model_config_by_name, model_config_from_dict
 from training.config import RunConfig

@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpointing.checkpointer import Checkpointer, NoUsableCheckpointError, TrainState, committed_checkpoints
+from checkpointing.checkpointer import (
+    Checkpointer,
+    NoUsableCheckpointError,
+    TrainState,
+    committed_checkpoints,
+)
 
 
 class _Loader:

@@ -5,6 +5,7 @@ Activation checkpointing and per-layer torch.compile are applied here too, witho
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -69,8 +70,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def no_gradient_sync(model: nn.Module, skip_sync: bool):
     """Context for one micro-batch: while accumulating, gradients are not all-reduced."""
-    import contextlib
-
     if not skip_sync:
         return contextlib.nullcontext()
     if isinstance(model, DistributedDataParallel):
@@ -80,12 +79,10 @@ def no_gradient_sync(model: nn.Module, skip_sync: bool):
     return contextlib.nullcontext()
 
 
-class _fsdp_no_sync:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.model.set_requires_gradient_sync(False)
-
-    def __exit__(self, *exc) -> None:
-        self.model.set_requires_gradient_sync(True)
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
