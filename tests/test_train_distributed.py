@@ -74,3 +74,16 @@ def test_resume_on_a_different_number_of_ranks(tmp_path):
     assert "resumed from" in resumed.stderr
     assert sorted(train_losses(tmp_path / "run" / "train.jsonl")) == [1, 2, 3, 4]
     assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+
+def test_packed_batches_give_the_losses_of_padded_batches(tmp_path):
+    """The same cells and masks, packed without padding (cu_seqlens) or padded: the same losses, dropout off."""
+    common = ["training.num_train_steps=3", "training.warmup_steps=1", "checkpoint.every_steps=100",
+              "eval.every_steps=3", "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0"]
+    for packed in (False, True):
+        run_entry("train.py", [*common, f"data.packed={packed}", f"output_dir={tmp_path / str(packed)}"], tmp=tmp_path)
+    padded = train_losses(tmp_path / "False" / "train.jsonl")
+    packed = train_losses(tmp_path / "True" / "train.jsonl")
+    assert padded.keys() == packed.keys() and all(abs(padded[s] - packed[s]) < 1e-4 for s in padded)
+    assert eval_records(tmp_path / "True" / "train.jsonl")[-1]["loss"] == pytest.approx(
+        eval_records(tmp_path / "False" / "train.jsonl")[-1]["loss"], abs=1e-4)
