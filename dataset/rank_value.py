@@ -135,9 +135,9 @@ def _rank_by_keys(
     bounds, starts, lengths = indptr.tolist(), begins.tolist(), kept.tolist()
     for i, begin in enumerate(starts):
         row, n = keys[bounds[i] : bounds[i + 1]], lengths[i]
-        if len(row) > n:  # only the top n need sorting
-            row.partition(n - 1)
-            first_dropped[i] = row[n:].min()
+        if len(row) > n:  # only the top n need sorting: put the (n+1)-th key in place, the n smaller before it
+            row.partition(n)
+            first_dropped[i] = row[n]
             row = row[:n]
         row.sort()
         out_keys[begin : begin + n] = row

@@ -244,6 +244,8 @@ def test_streaming_median_matches_numpy_median():
     genes = rng.integers(0, 50, 20_000)
     values = np.exp(rng.normal(0, 2, 20_000))
     values[:500] = 3.0  # many equal values
+    values[500:700] = rng.uniform(1e6, 1e7, 200)  # beyond the histogram's range: still exact
+    values[700:900] = rng.uniform(1e-9, 1e-8, 200)
     medians = NonzeroMedians(51)
     for step in (medians.count, medians.collect):
         for part in np.array_split(np.arange(20_000), 7):
