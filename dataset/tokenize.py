@@ -181,11 +181,16 @@ def _compute_medians(
 
 
 def _open_inputs(paths: Sequence[Path], layer, gene_column, symbols, obs_columns) -> list[_Input]:
-    inputs = []
-    for path in paths:
-        source = open_counts(path, layer=layer, gene_column=gene_column)
-        source.check_obs_columns(obs_columns)
-        inputs.append(_Input(source=source, ensembl_ids=to_ensembl_ids(source.gene_names, symbols)))
+    inputs: list[_Input] = []
+    try:
+        for path in paths:
+            source = open_counts(path, layer=layer, gene_column=gene_column)
+            inputs.append(_Input(source=source, ensembl_ids=to_ensembl_ids(source.gene_names, symbols)))
+            source.check_obs_columns(obs_columns)
+    except BaseException:
+        for item in inputs:
+            item.source.close()
+        raise
     return inputs
 
 
@@ -242,6 +247,9 @@ def tokenize_counts(
             "no gene medians: pass --vocab and --medians (e.g. Geneformer's token_dictionary and "
             "gene_median_dictionary pickles) or --compute-medians to derive them from the input"
         )
+    if vocab is None and not compute_medians:
+        raise ValueError("--medians needs --vocab (the token dictionary the medians belong to), "
+                         "or use --compute-medians to build both from the input")
     if chunk_size < 1 or cells_per_shard < 1:
         raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
     settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,

@@ -408,6 +408,8 @@ def test_clear_errors_for_user_mistakes(tmp_path, tables):
         tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "o", vocab=vocab, medians=medians, layer="counts")
     with pytest.raises(ValueError, match="--compute-medians"):
         tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "o", vocab=vocab)
+    with pytest.raises(ValueError, match="--medians needs --vocab"):
+        tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "o", medians=medians)
     with pytest.raises(ValueError, match="<cls>"):
         tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "o", vocab=vocab, medians=medians, layout="v2")
     with pytest.raises(FileNotFoundError, match="missing.h5ad"):
