@@ -29,6 +29,8 @@ _ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d+")
 
 def strip_ensembl_version(gene_id: str) -> str:
     """Drop an Ensembl version suffix (`ENSG00000141510.17` -> `ENSG00000141510`); other names unchanged."""
+    if "." not in gene_id:  # the common case, without a regex
+        return gene_id
     match = _ENSEMBL_VERSION.match(gene_id)
     return match.group(1) if match else gene_id
 
