@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "cells": manifest["cells"], "counts": manifest["counts"]}, indent=2))
+    print(json.dumps({"out": args.out, "cells": manifest["cells"], "genes": manifest["genes"],
+                      "counts": manifest["counts"]}, indent=2))
     return 0
 
 
