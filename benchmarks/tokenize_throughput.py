@@ -84,12 +84,14 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--chunk-sizes", default="256,1024,4096")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input", type=Path, help="reuse (or create once) this .h5ad instead of a temporary one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
-        h5ad = tmp / "counts.h5ad"
+        h5ad = args.input or tmp / "counts.h5ad"
         started = time.perf_counter()
-        write_counts(h5ad, args.cells, args.genes, (2000, 3000), args.seed)
+        if not h5ad.is_file():
+            write_counts(h5ad, args.cells, args.genes, (2000, 3000), args.seed)
         vocab, medians = write_tables(tmp, args.genes, args.seed)
         print(f"wrote {h5ad} ({h5ad.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f}s")
         for i, chunk_size in enumerate(int(c) for c in args.chunk_sizes.split(",")):
