@@ -41,7 +41,9 @@ def teacher_run_config(run: RunConfig) -> RunConfig:
     out = Path(run.output_dir) / "teacher"
     training = dataclasses.replace(run.training, num_train_steps=cfg.teacher_steps, lr=cfg.teacher_lr,
                                    warmup_steps=max(1, cfg.teacher_steps // 10))
-    return dataclasses.replace(run, output_dir=str(out), model=model_config_by_name(cfg.teacher_model),
+    # The teacher reads cells truncated as the student will see them.
+    model = {**model_config_by_name(cfg.teacher_model), "max_position_embeddings": run.model["max_position_embeddings"]}
+    return dataclasses.replace(run, output_dir=str(out), model=model,
                                training=training, distill=None,
                                checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
 
