@@ -5,6 +5,7 @@ DDP and FSDP2 share one path (get_state_dict / set_state_dict); per-rank RNG sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from checkpointing.manifest import read_manifest, write_manifest
@@ -26,6 +28,10 @@ STEP_PREFIX = "step_"
 
 class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist but none is complete and readable: starting from step 0 would lose them."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, unwritable directory); the directory is left uncommitted."""
 
 
 @dataclass
@@ -124,18 +130,19 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         self.wait()
         directory = self.root / step_dir_name(state.step)
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            _move_aside_if_present(directory)
-            directory.mkdir()
-        barrier()
-        payload = state.to_checkpoint(self.rank)
-        if self.async_save:
-            future = dcp.async_save(payload, checkpoint_id=str(directory), process_group=self._group)
-            self._pending = (future, state.step, directory)
-        else:
-            dcp.save(payload, checkpoint_id=str(directory))
-            self._commit(state.step, directory)
+        with _save_errors_named(directory):
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                _move_aside_if_present(directory)
+                directory.mkdir()
+            barrier()
+            payload = state.to_checkpoint(self.rank)
+            if self.async_save:
+                future = dcp.async_save(payload, checkpoint_id=str(directory), process_group=self._group)
+                self._pending = (future, state.step, directory)
+            else:
+                dcp.save(payload, checkpoint_id=str(directory))
+                self._commit(state.step, directory)
         return directory
 
     def wait(self) -> None:
@@ -144,8 +151,9 @@ class Checkpointer:
             return
         future, step, directory = self._pending
         self._pending = None
-        future.result()
-        self._commit(step, directory)
+        with _save_errors_named(directory):
+            future.result()
+            self._commit(step, directory)
 
     def _commit(self, step: int, directory: Path) -> None:
         barrier()  # every rank's shards are on disk before rank 0 publishes the manifest
@@ -168,7 +176,8 @@ class Checkpointer:
         for step, path in candidates["good"]:
             try:
                 self._load(state, Path(path))
-            except Exception as error:  # noqa: BLE001 - any failure to read means: try the previous one
+            # CheckpointException (what dcp.load raises) derives from BaseException, not Exception.
+            except (Exception, CheckpointException) as error:  # noqa: BLE001 - any failure to read: try the previous
                 failures.append(f"{path}: unreadable ({type(error).__name__}: {error})")
                 continue
             for failure in failures:
@@ -195,6 +204,23 @@ class Checkpointer:
             template.pop(rng_key)
         dcp.load(template, checkpoint_id=str(directory))
         state.from_checkpoint(template, self.rank)
+
+
+@contextlib.contextmanager
+def _save_errors_named(directory: Path):
+    """Turn a failed write (dcp wraps each rank's error in a CheckpointException) into one clear message."""
+    try:
+        yield
+    except (OSError, CheckpointException) as error:
+        if isinstance(error, CheckpointException):
+            cause = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in error.failures.items())
+        else:
+            cause = f"{type(error).__name__}: {error}"
+        raise CheckpointSaveError(
+            f"could not write checkpoint {directory} ({cause}). It is not committed, so resuming skips it; the "
+            f"earlier checkpoints in {directory.parent} are untouched. Free disk space (or set checkpoint.dir to a "
+            "writable place) and relaunch to continue from the newest complete checkpoint."
+        ) from error
 
 
 def _move_aside_if_present(directory: Path) -> None:

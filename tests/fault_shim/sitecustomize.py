@@ -14,7 +14,8 @@ import signal
 #   kill_mid_shard      SIGKILL after the first item of this rank's shard file is on disk (a partial file)
 #   kill_before_commit  SIGKILL when COMMITTED.json is about to be published (all shards and .metadata written)
 #   enospc_shard        raise OSError(ENOSPC) while writing this rank's shard (disk full), no kill
-POINTS = ("kill_before_shards", "kill_mid_shard", "kill_before_commit", "enospc_shard")
+#   enospc_commit       raise OSError(ENOSPC) when COMMITTED.json is about to be published (only rank 0 commits)
+POINTS = ("kill_before_shards", "kill_mid_shard", "kill_before_commit", "enospc_shard", "enospc_commit")
 
 
 def _die() -> None:
@@ -46,8 +47,11 @@ def _install(point: str, step_dir: str) -> None:
         return result
 
     def replace(src, dst, *args, **kwargs):
-        if point == "kill_before_commit" and str(dst).endswith(f"{step_dir}/COMMITTED.json"):
-            _die()
+        if str(dst).endswith(f"{step_dir}/COMMITTED.json"):
+            if point == "kill_before_commit":
+                _die()
+            if point == "enospc_commit":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return original_replace(src, dst, *args, **kwargs)
 
     dcp.save = save
