@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.plots import save_figure
+
 
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
     """[n, dim] -> [n, 2] first two principal components (zeros where fewer than 2 components exist)."""
@@ -45,9 +47,4 @@ def plot_embedding_pca(vectors: np.ndarray, labels: list | None, title: str, out
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
