@@ -106,6 +106,9 @@ def main() -> None:
     ratio = distilled["student_accuracy"] / teacher_acc
     print(f"distilled - masked-LM only: {win:+.4f} ({'met' if win > 0 else 'NOT met'}: target > 0); "
           f"student/teacher: {ratio:.3f} ({'met' if ratio >= 0.9 else 'NOT met'}: target >= 0.9)")
+    if teacher_acc < 0.05:
+        print(f"caution: the teacher reaches only {teacher_acc:.1%} accuracy, too little training for the comparison to "
+              "mean much; raise --steps (and --max-tokens)")
     summary = {"steps": args.steps, "max_tokens": args.max_tokens, "lr": args.lr,
                "distill_overrides": args.distill_override, "teacher_accuracy": teacher_acc,
                "distilled_accuracy": distilled["student_accuracy"], "mlm_only_accuracy": baseline["accuracy"]}

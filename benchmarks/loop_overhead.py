@@ -134,6 +134,7 @@ def main() -> None:
         # Checkpoint and eval intervals beyond --steps: they then run once, at the last step, timed apart.
         run = compose_run(args.config, [
             f"output_dir={workdir / tag}", f"training.num_train_steps={args.steps}",
+            f"training.warmup_steps={min(base.training.warmup_steps, args.steps // 2)}",
             f"checkpoint.every_steps={args.steps * 10}", f"eval.every_steps={args.steps * 10}",
             "logging.plot=false", *args.overrides])
         return timed_loop_run(run)
