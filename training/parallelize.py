@@ -29,10 +29,10 @@ def enable_activation_checkpointing(layers: Sequence[nn.Module]) -> None:
 
 
 def compile_layers(layers: Sequence[nn.Module]) -> None:
-    # dynamic=None lets the compiler mark the sequence dimension dynamic after its first recompile;
-    # the sampler pads lengths to a multiple of 8, which keeps the set of shapes small.
+    # Batch size and length change every micro-batch (token-budget batches): compiling with dynamic shapes from
+    # the start gives one graph per layer variant instead of a recompile for each new length.
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=True)
 
 
 def parallelize(
