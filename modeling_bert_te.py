@@ -6,6 +6,7 @@ Loads stock `transformers` BertForMaskedLM directories and exports directories t
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -443,7 +444,11 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(st_path))
     if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{bin_path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
+                             "only load weights from sources you trust, preferably as model.safetensors") from None
     raise FileNotFoundError(f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
                             "(sharded checkpoints: merge them first)")
 

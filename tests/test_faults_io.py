@@ -154,7 +154,7 @@ def test_disk_full_on_one_rank_ends_the_whole_torchrun_job(tmp_path, point, rank
     result = run_entry("train.py", [*COMMON, f"output_dir={tmp_path / 'run'}"], nproc=2, tmp=tmp_path,
                        env=fault_env(point, rank, 4), check=False, timeout=240)  # a hang fails with TimeoutExpired
     assert result.returncode != 0
-    assert "CheckpointSaveError: could not write checkpoint" in result.stderr
+    assert "ERROR run: could not write checkpoint" in result.stderr
     assert "[Errno 28] No space left on device" in result.stderr and "step_00000004" in result.stderr
     assert committed_steps(tmp_path / "run" / "checkpoints") == [2]
     assert not (tmp_path / "run" / "final_model").exists()

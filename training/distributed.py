@@ -52,9 +52,10 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_others: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 

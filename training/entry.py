@@ -12,10 +12,14 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from checkpointing.checkpointer import CheckpointSaveError, NoUsableCheckpointError
 from training.config import RunConfig, parse_config
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+from training.step import NonFiniteLossError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# Errors whose message already says what happened and what to do: reported as one line, exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, NoUsableCheckpointError,
+               CheckpointSaveError)
 
 
 def setup_logging() -> None:
@@ -41,6 +45,7 @@ def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], No
     except USER_ERRORS as error:
         logging.getLogger("run").error("%s", error)
         logging.getLogger("run").debug("traceback of the error above", exc_info=True)
+        # No closing barrier: healthy ranks may be inside a collective this one will never join.
+        shutdown_distributed(wait_for_others=False)
         sys.exit(2)
-    finally:
-        shutdown_distributed()
+    shutdown_distributed()
