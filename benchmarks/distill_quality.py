@@ -29,7 +29,9 @@ def shared_overrides(args: argparse.Namespace, out: Path) -> list[str]:
 
 def launch(script: str, overrides: list[str], log_path: Path, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(ROOT / script), "--config-name", "l0_sanity", *overrides]
+    # hydra.run.dir keeps hydra's own log and config beside the run instead of under outputs/<date>/.
+    cmd = [sys.executable, str(ROOT / script), "--config-name", "l0_sanity", *overrides,
+           f"hydra.run.dir={log_path.with_suffix('')}/hydra"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(cmd[1:]), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
