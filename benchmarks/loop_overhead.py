@@ -42,6 +42,13 @@ class Timer:
     def __init__(self) -> None:
         self.seconds, self.calls = 0.0, 0
 
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.calls += 1
+
     def wrap(self, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -88,7 +95,9 @@ def timed_loop_run(run) -> dict:
         parts.evaluate = timers["eval"].wrap(parts.evaluate)
         parts.checkpointer.save = timers["checkpoint"].wrap(parts.checkpointer.save)
         parts.checkpointer.wait = timers["checkpoint"].wrap(parts.checkpointer.wait)
-        parts.optimizer.step = timers["optimizer_step"].wrap(parts.optimizer.step)
+        # Step hooks, not a wrapper: the LR scheduler watches optimizer.step itself.
+        parts.optimizer.register_step_pre_hook(lambda *_: timers["optimizer_step"].start())
+        parts.optimizer.register_step_post_hook(lambda *_: timers["optimizer_step"].stop())
         training.loop.train_step = timers["train_step"].wrap(train_step)
         training.step.count_masked = timers["count_masked"].wrap(count_masked)
         start = time.perf_counter()
