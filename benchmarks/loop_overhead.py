@@ -6,6 +6,7 @@ Run: python benchmarks/loop_overhead.py [--steps 60] [--repeats 3] [--config l0_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -115,22 +116,42 @@ def timed_loop_run(run) -> dict:
             "eval_calls": timers["eval"].calls, "checkpoint_calls": timers["checkpoint"].calls}
 
 
-def bare_steps(model, optimizer, loss_fn, batches: list[dict], grad_clip: float) -> float:
-    """Seconds for forward/backward/clip/optimizer.step on pre-collated batches, nothing else."""
-    counts = [int((b["labels"] != -100).sum()) for b in batches]
-    start = time.perf_counter()
-    for batch, n_masked in zip(batches, counts, strict=True):
-        optimizer.zero_grad(set_to_none=True)
-        (loss_fn(model, batch)["loss"] / n_masked).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-    return time.perf_counter() - start
+def bare_step(model, optimizer, loss_fn, batch: dict, n_masked: int, grad_clip: float) -> None:
+    """Forward/backward/clip/optimizer.step on a pre-collated batch, nothing else."""
+    optimizer.zero_grad(set_to_none=True)
+    (loss_fn(model, batch)["loss"] / n_masked).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def recipe_step(model, optimizer, loss_fn, batch: dict, grad_clip: float) -> None:
+    """What run_loop does per step inside train_step + optimizer.step (mask count, metrics, finiteness check)."""
+    train_step(model, loss_fn, optimizer, [batch], device=torch.device("cpu"), world_size=1, grad_clip=grad_clip,
+               autocast=contextlib.nullcontext)
+    optimizer.step()
+
+
+def interleaved(model, optimizer, loss_fn, batches: list[dict], grad_clip: float, rounds: int) -> dict[str, float]:
+    """Median seconds per step of train_step+optimizer.step vs a bare step, alternating step by step on the same
+    batches and model, so machine load hits both alike."""
+    times: dict[str, list[float]] = {"recipe": [], "bare": []}
+    steps = {"recipe": lambda b, n: recipe_step(model, optimizer, loss_fn, b, grad_clip),
+             "bare": lambda b, n: bare_step(model, optimizer, loss_fn, b, n, grad_clip)}
+    for r in range(rounds):
+        for i, batch in enumerate(batches):
+            n_masked = int((batch["labels"] != -100).sum())
+            for name in (("recipe", "bare") if (r + i) % 2 == 0 else ("bare", "recipe")):
+                start = time.perf_counter()
+                steps[name](batch, n_masked)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed loop/bare pairs (order alternates)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of the loop (after a warm-up run)")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the batches for the interleaved timing")
     parser.add_argument("--config", default="l0_sanity", help="hydra_config/<name>.yaml of train.py")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides, e.g. data.num_workers=1")
     args = parser.parse_args()
@@ -155,33 +176,26 @@ def main() -> None:
     warm = one_run("warmup")  # first run pays allocator and kernel warm-up; its batches are replayed below
     batches, grad_clip = warm["batches"], base.training.grad_clip
     model, optimizer, loss_fn = warm["model"], warm["optimizer"], warm["loss_fn"]
-    bare_steps(model, optimizer, loss_fn, batches[:5], grad_clip)
-    loops, bares = [], []
-    for r in range(args.repeats):
-        order = ("loop", "bare") if r % 2 == 0 else ("bare", "loop")
-        for kind in order:
-            if kind == "loop":
-                loops.append(one_run(f"r{r}"))
-            else:
-                bares.append(bare_steps(model, optimizer, loss_fn, batches, grad_clip))
+    loops = [one_run(f"r{r}") for r in range(args.repeats)]
+    paired = interleaved(model, optimizer, loss_fn, batches, grad_clip, rounds=args.rounds)
 
     def per_step(values: list[float]) -> float:
         return statistics.median(values) / args.steps * 1e3
 
     # Per-step loop time without the one end-of-run evaluation and checkpoint (timed apart below).
     loop_steps = [x["loop_s"] - x["eval"] - x["checkpoint"] for x in loops]
-    loop_ms, bare_ms = per_step(loop_steps), per_step(bares)
+    loop_ms = per_step(loop_steps)
     data_ms = per_step([x["data"] for x in loops])
     log_ms = per_step([x["logging"] for x in loops])
     eval_s = statistics.median(x["eval"] / max(x["eval_calls"], 1) for x in loops)
     ckpt_s = statistics.median(x["checkpoint"] / max(x["checkpoint_calls"], 1) for x in loops)
     sched_ms = (eval_s / base.eval.every_steps + ckpt_s / base.checkpoint.every_steps) * 1e3
-    overhead = loop_ms - bare_ms
     # Within the same runs (immune to drift between runs): what the loop spends outside train_step/optimizer.step.
     compute_ms = per_step([x["train_step"] + x["optimizer_step"] for x in loops])
     count_ms = per_step([x["count_masked"] for x in loops])
     outside_ms = loop_ms - compute_ms
     direct = outside_ms + count_ms
+    extra_ms = (paired["recipe"] - paired["bare"]) * 1e3
     rows = [
         ("run_loop step (eval/ckpt excluded)", loop_ms, "median of runs"),
         ("  train_step + optimizer.step", compute_ms, "inside those runs"),
@@ -191,8 +205,12 @@ def main() -> None:
         ("    rest of loop body", outside_ms - data_ms - log_ms, "meter, scheduler, preemption check"),
         ("  count_masked (in train_step)", count_ms, f"{count_ms / loop_ms:.1%} (mask count + all-reduce)"),
         ("overhead, measured inside runs", direct, f"{direct / loop_ms:.1%} of loop step (target <= 5%)"),
-        ("bare fwd/bwd/clip/opt.step", bare_ms, "same batches, pre-collated, separate timing"),
-        ("overhead, loop - bare", overhead, f"{overhead / loop_ms:.1%} of loop step (drift between runs included)"),
+        ("train_step+opt.step, interleaved", paired["recipe"] * 1e3, "median, alternating step by step with:"),
+        ("bare fwd/bwd/clip/opt.step", paired["bare"] * 1e3, "same batches and model"),
+        ("  train_step's own extra", extra_ms, f"{extra_ms / (paired['recipe'] * 1e3):.1%} (mask count, metrics, "
+         "finiteness; noise when negative)"),
+        ("overhead total", outside_ms + extra_ms,
+         f"{(outside_ms + extra_ms) / loop_ms:.1%} of loop step = loop body + train_step's extra (target <= 5%)"),
         ("one held-out eval", eval_s * 1e3, f"every {base.eval.every_steps} steps"),
         ("one checkpoint save", ckpt_s * 1e3, f"every {base.checkpoint.every_steps} steps"),
         ("eval+ckpt amortized", sched_ms, f"{sched_ms / (loop_ms + sched_ms):.1%} of step at {args.config}'s schedule"),
@@ -201,7 +219,7 @@ def main() -> None:
     for name, ms, note in rows:
         print(f"{name:<36}{ms:>10.2f}  {note}")
     print("runs (ms/step): loop " + ", ".join(f"{x / args.steps * 1e3:.1f}" for x in loop_steps)
-          + "; bare " + ", ".join(f"{x / args.steps * 1e3:.1f}" for x in bares))
+)
 
 
 if __name__ == "__main__":
