@@ -160,6 +160,21 @@ class DistillConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    model_dir: str | None = None  # exported masked-LM directory; None = first pretrain `model` on the same data
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    label_column: str = "cell_type"  # corpus column holding each cell's class (empty / null = unlabelled)
+    freeze_layers: int = 0  # k > 0 freezes the embeddings and the first k encoder layers
+
+    def validate(self) -> None:
+        _require(self.pretrain_steps > 0, "finetune.pretrain_steps", "must be > 0")
+        _require(self.pretrain_lr > 0, "finetune.pretrain_lr", "must be > 0")
+        _require(bool(self.label_column), "finetune.label_column", "must name a column of the corpus (e.g. cell_type)")
+        _require(self.freeze_layers >= 0, "finetune.freeze_layers", "must be >= 0")
+
+
+@dataclass
 class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/run"
@@ -170,11 +185,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distill: DistillConfig | None = None
+    finetune: FinetuneConfig | None = None
 
     def validate(self) -> RunConfig:
         _require(self.training.fp8 == "off" or self.data.pad_to_multiple_of % 16 == 0, "data.pad_to_multiple_of",
                  "must be a multiple of 16 with training.fp8 (FP8 GEMMs need dimensions divisible by 16)")
-        for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill):
+        for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill,
+                     self.finetune):
             if part is not None:
                 part.validate()
         _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")

@@ -1,0 +1,113 @@
+"""Fine-tune an exported model for cell classification (stock BertForSequenceClassification layout).
+
+    python finetune.py --config-name l0_sanity                 # pretrains a tiny model first, then fine-tunes it
+    torchrun --nproc_per_node=8 finetune.py --config-name l0_sanity finetune.model_dir=/path/to/student \\
+        finetune.label_column=cell_type finetune.freeze_layers=2 data.path=/path/to/labelled_cells
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from finetuning.data import build_classification_data
+from finetuning.export import export_classifier_dir
+from finetuning.model import BertForCellClassification
+from finetuning.task import classification_loss, classification_metrics
+from modeling_bert_te import BertTEConfig
+from training.config import RunConfig
+from training.distributed import DistributedContext, barrier
+from training.entry import run_entry
+from training.pretrain import pretrain
+from training.run import Task, run_training
+
+log = logging.getLogger("finetune")
+
+
+def pretrain_run_config(run: RunConfig) -> RunConfig:
+    """The masked-LM run that makes the model to fine-tune when none is given: same data, `model`, own output dir."""
+    cfg = run.finetune
+    out = Path(run.output_dir) / "pretrained"
+    training = dataclasses.replace(run.training, num_train_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                                   warmup_steps=max(1, cfg.pretrain_steps // 10), stop_after_steps=None)
+    return dataclasses.replace(run, output_dir=str(out), training=training, finetune=None,
+                               checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
+
+
+def resolve_model_dir(run: RunConfig, ctx: DistributedContext) -> Path:
+    if run.finetune.model_dir is not None:
+        path = Path(run.finetune.model_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"config 'finetune.model_dir': {path} has no config.json; give an exported "
+                                    "model directory (final_model of train.py or distill.py, or a stock BERT)")
+        return path
+    pre = pretrain_run_config(run)
+    done = Path(pre.output_dir) / "final_model"
+    if (done / "config.json").is_file():  # exports are atomic: a config.json means a finished model
+        log.info("fine-tuning the model pretrained earlier: %s", done)
+        return done
+    log.info("no finetune.model_dir given: pretraining the configured model for %d steps first",
+             run.finetune.pretrain_steps)
+    _, export_dir = pretrain(pre, ctx)
+    if export_dir is None:
+        raise SystemExit(0)  # preempted while pretraining; a relaunch resumes it
+    return export_dir
+
+
+def finetune(run: RunConfig, ctx: DistributedContext) -> None:
+    model_dir = resolve_model_dir(run, ctx)
+    source = BertTEConfig.from_pretrained(str(model_dir))
+    # model.max_position_embeddings caps the cell length (shorter cells train faster); never past the model's.
+    max_length = min(source.max_position_embeddings, run.model.get("max_position_embeddings", 1 << 30))
+    data, labels = build_classification_data(run, ctx, vocab_size=source.vocab_size, max_length=max_length)
+    model = BertForCellClassification.from_masked_lm_dir(model_dir, labels.id2label, seed=run.seed)
+    model.freeze(run.finetune.freeze_layers)
+    log.info("%d classes, %d training and %d held-out cells; %d of %d layers frozen", len(labels.names),
+             len(data.train_idx), len(data.heldout_idx), run.finetune.freeze_layers, source.num_hidden_layers)
+    n_labels = len(labels.names)
+    task = Task(
+        trainable=model, layers=list(model.bert.encoder.layer), loss_fn=classification_loss,
+        evaluate=lambda wrapped, batches: classification_metrics(wrapped, batches, n_labels, ctx.device),
+        export_config=model.config,
+        meta={"task": "classification", "model_dir": str(model_dir.resolve()), "labels": labels.names},
+    )
+    result, export_dir = run_training(run, ctx, data, task, name="finetune")
+    if result.preempted:
+        return
+    # run_training exports a masked-LM layout; replace it with the stock sequence-classification layout.
+    full = get_model_state_dict(task.trainable, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        export_classifier_dir(full, model.config, export_dir, data.vocab)
+        log.info("exported the classifier to %s", export_dir)
+        write_report(Path(run.output_dir))
+    barrier()
+
+
+def write_report(output_dir: Path) -> None:
+    """The last held-out evaluation as finetune_eval.json, printed too."""
+    records = [json.loads(line) for line in (output_dir / "finetune.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if evals:
+        (output_dir / "finetune_eval.json").write_text(json.dumps(evals[-1], indent=2) + "\n")
+        last = evals[-1]
+        print(f"held-out cells at step {last['step']}: accuracy {last['accuracy']:.4f}, "
+              f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells)")
+
+
+@hydra.main(config_path="hydra_config/finetune", config_name="l0_sanity", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.get("finetune") is None:
+        raise SystemExit("finetune.py needs a config with a 'finetune' section (hydra_config/finetune/)")
+    torch.set_float32_matmul_precision("high")
+    run_entry(cfg, finetune)
+
+
+if __name__ == "__main__":
+    main()
