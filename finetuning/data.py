@@ -60,6 +60,9 @@ def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_
                               max_length: int) -> tuple[DataBundle, CellLabels]:
     """Corpus, labels, stratified split and loaders (train: shuffled; held-out: fixed order, first eval.max_cells)."""
     cfg = run.data
+    if cfg.packed:
+        raise ValueError("config 'data.packed': fine-tuning batches are padded (the pooler reads each cell's first "
+                         "token); set data.packed=false")
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
     corpus = None
