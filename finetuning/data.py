@@ -80,7 +80,7 @@ def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_
     if len(heldout_idx) == 0:
         raise ValueError("no held-out cells: every class has a single labelled cell; raise data.heldout_fraction "
                          "or label more cells")
-    # Spread the evaluated cells over all classes: every k-th held-out cell rather than the first ones.
+    # Evaluate every k-th held-out cell rather than the first ones: corpus files are often sorted by cell type.
     eval_cells = heldout_idx[np.linspace(0, len(heldout_idx) - 1, min(run.eval.max_cells, len(heldout_idx))
                                          ).round().astype(np.int64)]
     view = LabelledCorpus(corpus, labels.ids)
