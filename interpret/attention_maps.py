@@ -64,7 +64,8 @@ def save_attention_maps(probs: list[torch.Tensor], input_ids: torch.Tensor, voca
         cols = min(heads, 4)
         rows = math.ceil(heads / cols)
         size = max(4.0, 0.22 * len(keep) + 1.5)
-        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.5, size * rows), squeeze=False,
+                                 layout="constrained")
         vmax = float(p[cell][:, keep][:, :, keep].max())
         for h in range(rows * cols):
             ax = axes[h // cols][h % cols]
@@ -75,9 +76,12 @@ def save_attention_maps(probs: list[torch.Tensor], input_ids: torch.Tensor, voca
             image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_title(f"layer {layer} head {h}", fontsize=9)
             ax.set_xticks(np.arange(len(keep)), names, rotation=90, fontsize=6)
-            ax.set_yticks(np.arange(len(keep)), names, fontsize=6)
             ax.set_xlabel("key (attended gene)", fontsize=7)
-            ax.set_ylabel("query gene", fontsize=7)
+            if h % cols == 0:  # gene names once per row of panels: they would overlap the neighbour's map
+                ax.set_yticks(np.arange(len(keep)), names, fontsize=6)
+                ax.set_ylabel("query gene", fontsize=7)
+            else:
+                ax.set_yticks([])
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention probability")
         path = out / f"attention_layer{layer}.png"
         fig.savefig(path, dpi=110)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[GeneAttribution]:
              "completeness gap %.2e; %s", vocab.tokens[true_gene], position, delta, gap, out / "attributions.tsv")
     log.info("%-5s %-8s %-16s %s", "rank", "position", "gene", "attribution")
     for i, r in enumerate(rows[: args.top_genes]):
-        log.info("%-5d %-8d %-16s %+.4f", i, r.position, r.gene, r.attribution)
+        log.info("%-5d %-8d %-16s %+.4g", i, r.position, r.gene, r.attribution)
     return rows
 
 
