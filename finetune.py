@@ -15,7 +15,6 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from finetuning.data import build_classification_data
 from finetuning.export import export_classifier_dir
@@ -23,7 +22,7 @@ from finetuning.model import BertForCellClassification
 from finetuning.task import classification_loss, classification_metrics
 from modeling_bert_te import BertTEConfig
 from training.config import RunConfig
-from training.distributed import DistributedContext, barrier
+from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.pretrain import pretrain
 from training.run import Task, run_training
@@ -75,19 +74,12 @@ def finetune(run: RunConfig, ctx: DistributedContext) -> None:
     task = Task(
         trainable=model, layers=list(model.bert.encoder.layer), loss_fn=classification_loss,
         evaluate=lambda wrapped, batches: classification_metrics(wrapped, batches, n_labels, ctx.device),
-        export_config=model.config,
+        export_config=model.config, export=export_classifier_dir,
         meta={"task": "classification", "model_dir": str(model_dir.resolve()), "labels": labels.names},
     )
-    result, export_dir = run_training(run, ctx, data, task, name="finetune")
-    if result.preempted:
-        return
-    # run_training exports a masked-LM layout; replace it with the stock sequence-classification layout.
-    full = get_model_state_dict(task.trainable, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.is_main:
-        export_classifier_dir(full, model.config, export_dir, data.vocab)
-        log.info("exported the classifier to %s", export_dir)
+    result, _ = run_training(run, ctx, data, task, name="finetune")
+    if not result.preempted and ctx.is_main:
         write_report(Path(run.output_dir))
-    barrier()
 
 
 def write_report(output_dir: Path) -> None:

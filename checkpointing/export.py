@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Config fields only this recipe knows; stock transformers would carry them along harmlessly, but a clean
 # config.json keeps the export indistinguishable from a stock BertForMaskedLM directory.
-_RECIPE_ONLY_FIELDS = ("use_te_layers", "fp8")
+RECIPE_ONLY_FIELDS = ("use_te_layers", "fp8")
 
 
 def _stock_tensors(state_dict: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def _stock_tensors(state_dict: dict[str, torch.Tensor], config: BertTEConfig) ->
     return out
 
 
-def _write_tokenizer(vocab: Vocabulary, out_dir: Path) -> None:
+def write_tokenizer_files(vocab: Vocabulary, out_dir: Path) -> None:
     vocab.save(out_dir / "vocab.txt")
     # V2 vocabularies have <cls>/<eos>. V1 has neither, and BertTokenizer would otherwise add [CLS]/[SEP] ids past
     # the model's vocabulary, so <pad> stands in for them (and for unknown genes): it is never a gene.
@@ -77,17 +77,27 @@ def export_model_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, 
                          f"{config.vocab_size}; export with the vocabulary the model was trained on")
     tensors = _stock_tensors(state_dict, config)
     config_dict = config.to_dict()
-    for field in _RECIPE_ONLY_FIELDS:
+    for field in RECIPE_ONLY_FIELDS:
         config_dict.pop(field, None)
     config_dict.update(architectures=["BertForMaskedLM"], model_type="bert", tie_word_embeddings=True)
 
+    return write_model_dir(out_dir, tensors, config_dict, vocab)
+
+
+def write_model_dir(out_dir: Path, tensors: dict[str, torch.Tensor], config_dict: dict,
+                    vocab: Vocabulary | None) -> Path:
+    """Write weights, config.json and tokenizer files into a temporary folder, then rename it into place.
+
+    A crash or a full disk leaves either the previous directory or the new one, never a half-written one.
+    """
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if vocab is not None:
-            _write_tokenizer(vocab, tmp)
+            write_tokenizer_files(vocab, tmp)
         if out_dir.exists():
             # Move the old directory aside first so that the rename below is a single atomic step.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from checkpointing.checkpointer import Checkpointer
 from checkpointing.export import export_model_dir
+from dataset.vocab import Vocabulary
 from modeling_bert_te import BertTEConfig
 from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
@@ -45,6 +46,8 @@ class Task:
     export_config: BertTEConfig
     export_prefix: str = ""  # prefix of the exported model's keys inside `trainable` (e.g. "student.")
     meta: dict = field(default_factory=dict)  # recorded in every checkpoint's manifest
+    # Writes the exported directory from full weights; None = a stock BertForMaskedLM directory.
+    export: Callable[[dict[str, torch.Tensor], BertTEConfig, Path, Vocabulary], Path] | None = None
 
 
 def _flops_per_token(config: BertTEConfig, data: DataBundle) -> float:
@@ -99,7 +102,10 @@ def export_trained_model(model: nn.Module, task: Task, data: DataBundle, out_dir
     if ctx.is_main:
         prefix = task.export_prefix
         weights = {k[len(prefix):]: v.float() for k, v in full.items() if k.startswith(prefix)}
-        export_model_dir(weights, task.export_config, out_dir, data.vocab, overwrite=True)
+        if task.export is not None:
+            task.export(weights, task.export_config, out_dir, data.vocab)
+        else:
+            export_model_dir(weights, task.export_config, out_dir, data.vocab, overwrite=True)
         log.info("exported %s", out_dir)
     barrier()
     return out_dir
