@@ -76,8 +76,9 @@ def main() -> None:
     if args.teacher is None:
         log = out / "teacher.log"
         shape = args.teacher_override or TEACHER_SHAPE
+        # --threads, not more: on a shared CPU, OpenMP threads that wait for a busy core slow a step 5x.
         wait(launch("train.py", ["model=tiny", *shape, *shared_overrides(args, out / "teacher")], log,
-                    max(args.threads, 2)), log)
+                    args.threads), log)
     runs = {
         "distilled": ("distill.py", [f"model={args.student}", f"distill.teacher={teacher_dir}",
                                      *args.distill_override]),
