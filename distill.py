@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from distillation.student_init import init_student_from_teacher
@@ -113,10 +112,7 @@ def distil(run: RunConfig, ctx: DistributedContext) -> None:
 
 @hydra.main(config_path="hydra_config/distill", config_name="l0_sanity", version_base=None)
 def main(cfg: DictConfig) -> None:
-    if cfg.get("distill") is None:
-        raise SystemExit("distill.py needs a config with a 'distill' section (hydra_config/distill/)")
-    torch.set_float32_matmul_precision("high")
-    run_entry(cfg, distil)
+    run_entry(cfg, distil, section="distill")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from finetuning.data import build_classification_data
@@ -95,10 +94,7 @@ def write_report(output_dir: Path) -> None:
 
 @hydra.main(config_path="hydra_config/finetune", config_name="l0_sanity", version_base=None)
 def main(cfg: DictConfig) -> None:
-    if cfg.get("finetune") is None:
-        raise SystemExit("finetune.py needs a config with a 'finetune' section (hydra_config/finetune/)")
-    torch.set_float32_matmul_precision("high")
-    run_entry(cfg, finetune)
+    run_entry(cfg, finetune, section="finetune")
 
 
 if __name__ == "__main__":

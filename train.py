@@ -15,7 +15,7 @@ from training.pretrain import pretrain
 
 @hydra.main(config_path="hydra_config", config_name="l0_sanity", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_entry(cfg, lambda run, ctx: pretrain(run, ctx))
+    run_entry(cfg, pretrain)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import torch
 from omegaconf import DictConfig
 
 from checkpointing.checkpointer import CheckpointSaveError, NoUsableCheckpointError
@@ -31,9 +32,16 @@ def setup_logging() -> None:
                         force=True)
 
 
-def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None]) -> None:
-    """Parse and validate the config before any heavy work, then run `job` inside a process group."""
+def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None], *,
+              section: str | None = None) -> None:
+    """Parse and validate the config before any heavy work, then run `job` inside a process group.
+
+    `section`: the config section the job needs (distill, finetune), refused early when missing.
+    """
+    if section is not None and cfg.get(section) is None:
+        raise SystemExit(f"this entry point needs a config with a '{section}' section (hydra_config/{section}/)")
     setup_logging()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them; no effect on CPU
     try:
         run = parse_config(cfg)
         ctx = init_distributed(run.training.device)
