@@ -136,9 +136,9 @@ class DistillConfig:
     teacher_steps: int = 300
     teacher_lr: float = 3e-3
     teacher_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
-    temperature: float = 2.0
+    temperature: float = 1.0
     kd_weight: float = 1.0
-    mlm_weight: float = 0.5
+    mlm_weight: float = 0.0
     hidden_weight: float = 0.0
     layer_map: list[list[int]] | None = None  # [[student_layer, teacher_layer], ...]; None = uniform
     relation_weight: float = 0.0
