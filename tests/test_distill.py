@@ -88,3 +88,16 @@ def test_a_teacher_with_another_vocabulary_is_refused(teacher_dir, tmp_path):
     result = _distil(tmp_path, foreign, [f"output_dir={tmp_path / 'out'}"], nproc=1, check=False)
     assert result.returncode == 2
     assert "vocabulary mismatch" in result.stderr and "id 5" in result.stderr
+
+
+def test_without_a_teacher_distill_pretrains_one_first(tmp_path):
+    """The quick start: distill.py with no teacher trains one on the same data, then distils and reports."""
+    run_entry("distill.py", ["distill.teacher_steps=3", "training.num_train_steps=3", "training.warmup_steps=1",
+                             "checkpoint.every_steps=100", "eval.every_steps=3", f"output_dir={tmp_path / 'out'}"],
+              tmp=tmp_path)
+    teacher = tmp_path / "out" / "teacher" / "final_model"
+    assert (teacher / "model.safetensors").is_file()
+    report = json.loads((tmp_path / "out" / "distill_eval.json").read_text())
+    assert report["parameters"]["student"] < report["parameters"]["teacher"]
+    manifest = json.loads((tmp_path / "out" / "checkpoints" / "step_00000003" / "COMMITTED.json").read_text())
+    assert manifest["meta"]["teacher_dir"] == str(teacher.resolve())
