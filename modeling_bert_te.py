@@ -201,6 +201,39 @@ class BertModel(nn.Module):
         super().__init__()
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
+        self.max_positions = config.max_position_embeddings
+
+    def encode(self, input_ids: torch.Tensor, layout: AttentionLayout, position_ids: torch.Tensor, longest: int, *,
+               output_hidden_states: bool = False, qkv_index: int | None = None,
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple | None]:
+        """Embeddings and every encoder layer: (last hidden state, all hidden states if asked, q/k/v of one layer)."""
+        if longest > self.max_positions:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings {self.max_positions}; "
+                             "truncate cells or use a config with more positions")
+        h = self.embeddings(input_ids, position_ids)
+        hidden_states = [h] if output_hidden_states else None
+        qkv = None
+        for i, layer in enumerate(self.encoder.layer):
+            if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the layer input, recompute the rest in backward.
+                h, layer_qkv = torch.utils.checkpoint.checkpoint(layer, h, layout, i == qkv_index, use_reentrant=False)
+            else:
+                h, layer_qkv = layer(h, layout, i == qkv_index)
+            if layer_qkv is not None:
+                qkv = layer_qkv
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return h, tuple(hidden_states) if hidden_states is not None else None, qkv
+
+
+def padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  ) -> tuple[AttentionLayout, torch.Tensor]:
+    """Attention layout and position ids of a right-padded [B, S] batch."""
+    layout = AttentionLayout()
+    # No mask when nothing is padded lets SDPA pick its fastest kernel.
+    if attention_mask is not None and not bool(attention_mask.all()):
+        layout.key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)[:, None, None, :]
+    return layout, torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -341,30 +374,12 @@ class BertForMaskedLM(nn.Module):
             layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, device)
             longest = layout.max_seqlen
         else:
-            layout, longest = AttentionLayout(), s
-            position_ids = torch.arange(s, device=device).unsqueeze(0)
-            # No mask when nothing is padded lets SDPA pick its fastest kernel.
-            if attention_mask is not None and not bool(attention_mask.all()):
-                layout.key_mask = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}; truncate cells or use a config with more positions")
+            layout, position_ids = padded_layout(input_ids, attention_mask)
+            longest = s
+        h, hidden_states, qkv = self.bert.encode(input_ids, layout, position_ids, longest,
+                                                 output_hidden_states=output_hidden_states, qkv_index=qkv_index)
 
-        h = self.bert.embeddings(input_ids, position_ids)
-        hidden_states = [h] if output_hidden_states else None
-        qkv = None
-        for i, layer in enumerate(self.bert.encoder.layer):
-            if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-                # Activation checkpointing: keep only the layer input, recompute the rest in backward.
-                h, layer_qkv = torch.utils.checkpoint.checkpoint(layer, h, layout, i == qkv_index, use_reentrant=False)
-            else:
-                h, layer_qkv = layer(h, layout, i == qkv_index)
-            if layer_qkv is not None:
-                qkv = layer_qkv
-            if hidden_states is not None:
-                hidden_states.append(h)
-
-        out = MaskedLMOutput(hidden_states=tuple(hidden_states) if hidden_states is not None else None, qkv=qkv)
+        out = MaskedLMOutput(hidden_states=hidden_states, qkv=qkv)
         head = self.cls.predictions
         if labels is None:
             out.logits = head(h)

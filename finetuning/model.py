@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_bert_te import (
-    AttentionLayout,
-    BertEmbeddings,
-    BertEncoder,
     BertForMaskedLM,
+    BertModel,
     BertTEConfig,
     load_weights,
+    padded_layout,
     stock_to_te_state_dict,
 )
 
@@ -33,11 +32,11 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(first_token))
 
 
-class BertBody(nn.Module):
+class BertBody(BertModel):
+    """The masked-LM model's body plus stock BERT's pooler (names `bert.*`, `bert.pooler.dense`)."""
+
     def __init__(self, config: BertTEConfig) -> None:
-        super().__init__()
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+        super().__init__(config)
         self.pooler = BertPooler(config)
 
 
@@ -109,19 +108,8 @@ class BertForCellClassification(nn.Module):
                 labels: torch.Tensor | None = None) -> ClassifierOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
-        s = input_ids.shape[1]
-        if s > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}")
-        layout = AttentionLayout()
-        if attention_mask is not None and not bool(attention_mask.all()):
-            layout.key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)[:, None, None, :]
-        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
-        h = self.bert.embeddings(input_ids, position_ids)
-        for layer in self.bert.encoder.layer:
-            if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-                h, _ = torch.utils.checkpoint.checkpoint(layer, h, layout, False, use_reentrant=False)
-            else:
-                h, _ = layer(h, layout, False)
+        layout, position_ids = padded_layout(input_ids, attention_mask)
+        h, _, _ = self.bert.encode(input_ids, layout, position_ids, input_ids.shape[1])
         # Stock BERT pools the first token (a <cls> in V2 vocabularies, the top-ranked gene in V1).
         logits = self.classifier(self.dropout(self.bert.pooler(h[:, 0])))
         out = ClassifierOutput(logits=logits)
