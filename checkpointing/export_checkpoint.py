@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
-    with torch.no_grad():
-        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    try:
+        with torch.no_grad():
+            out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # An uncommitted or foreign directory, or an occupied --out: the message says which and why.
+        raise SystemExit(f"error: {error}") from None
     print(f"exported {args.checkpoint} -> {out}")
 
 
