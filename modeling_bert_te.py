@@ -18,6 +18,8 @@ import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
+from varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
+
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
 
@@ -78,30 +80,8 @@ class AttentionLayout:
     key_mask: torch.Tensor | None = None       # [B, 1, 1, S] bool, True = attend; None = attend everywhere
     packed_index: torch.Tensor | None = None   # [T] slot of each packed token in a [n * max_seqlen] grid
     packed_mask: torch.Tensor | None = None    # [n, 1, 1, max_seqlen] bool key mask of that grid
-    n_cells: int = 0
     max_seqlen: int = 0
     cu_seqlens: torch.Tensor | None = None
-
-
-def _sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-                dropout_p: float) -> torch.Tensor:
-    """q, k, v: [B, heads, S, d] -> context [B, heads, S, d]; packed input attends only within its cell."""
-    if layout.packed_index is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, dropout_p=dropout_p)
-    # Packed cells: scatter into an [n, max_seqlen] grid so each cell attends only to itself; this costs
-    # n * max_seqlen^2 instead of the T^2 of a block-diagonal mask over the whole pack.
-    _, heads, total, d = q.shape
-    n, s = layout.n_cells, layout.max_seqlen
-
-    def to_grid(x: torch.Tensor) -> torch.Tensor:
-        grid = x.new_zeros(n * s, heads, d)
-        grid[layout.packed_index] = x[0].transpose(0, 1)
-        return grid.view(n, s, heads, d).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(to_grid(q), to_grid(k), to_grid(v), attn_mask=layout.packed_mask,
-                                         dropout_p=dropout_p)
-    out = out.transpose(1, 2).reshape(n * s, heads, d)[layout.packed_index]
-    return out.transpose(0, 1).unsqueeze(0)
 
 
 class BertEmbeddings(nn.Module):
@@ -129,16 +109,21 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, layout: AttentionLayout,
                 want_qkv: bool = False) -> tuple[torch.Tensor, tuple | None]:
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
-        ctx = _sdpa_heads(q, k, v, layout, self.dropout_p if self.training else 0.0)
-        b, _, s, _ = ctx.shape
-        return ctx.transpose(1, 2).reshape(b, s, -1), ((q, k, v) if want_qkv else None)
+        b, s, _ = x.shape
+        # [B, S, heads, d]: the token-major layout both the packed kernels and SDPA (after a transpose) take.
+        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim) for proj in (self.query, self.key, self.value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        if layout.packed_index is None:
+            ctx = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=layout.key_mask, dropout_p=dropout_p).transpose(1, 2)
+        elif flash_varlen_supported(q):
+            ctx = flash_varlen_attention(q[0], k[0], v[0], layout.cu_seqlens, layout.max_seqlen, dropout_p)
+        else:
+            ctx = grid_attention(q[0], k[0], v[0], layout.packed_index, layout.packed_mask, dropout_p)
+        qkv = tuple(t.transpose(1, 2) for t in (q, k, v)) if want_qkv else None  # [B, heads, S, d]
+        return ctx.reshape(b, s, -1), qkv
 
 
 class BertDenseLayerNorm(nn.Module):
@@ -277,12 +262,12 @@ def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
     if max_seqlen is not None and int(max_seqlen) < longest:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed cell ({longest})")
     n = lengths.numel()
-    cell_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+    cell_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=total)
     positions = torch.arange(total, device=device) - cu[:-1][cell_of_token]
     packed_index = cell_of_token * longest + positions
     grid_mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
     layout = AttentionLayout(packed_index=packed_index, packed_mask=grid_mask[:, None, None, :],
-                             n_cells=n, max_seqlen=longest, cu_seqlens=cu_seqlens)
+                             max_seqlen=longest, cu_seqlens=cu.to(torch.int32))
     return layout, positions.unsqueeze(0)
 
 

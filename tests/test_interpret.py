@@ -47,7 +47,10 @@ def test_attention_probs_match_a_manual_recomputation_of_layer_zero():
     ids = torch.randint(2, 25426, (1, 9))
     emb = model.bert.embeddings(ids, torch.arange(9)[None])
     attn = model.bert.encoder.layer[0].attention.self
-    q, k = attn.split_heads(attn.query(emb)), attn.split_heads(attn.key(emb))
+    def heads(x):  # [1, S, hidden] -> [1, heads, S, head_dim]
+        return x.view(1, 9, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    q, k = heads(attn.query(emb)), heads(attn.key(emb))
     expected = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
     torch.testing.assert_close(attention_probs(model, ids)[0], expected)
 

@@ -68,7 +68,8 @@ class TrainingConfig:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
-    fp8: str = "off"  # off | torchao (float8 on nn.Linear)
+    fp8: str = "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
+    fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
     nonfinite: str = "stop"  # stop | skip
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
 
@@ -78,7 +79,8 @@ class TrainingConfig:
         _one_of(self.precision, "training.precision", ("auto", "fp32", "bf16"))
         _one_of(self.lr_schedule, "training.lr_schedule", ("linear", "cosine", "constant"))
         _one_of(self.nonfinite, "training.nonfinite", ("stop", "skip"))
-        _one_of(self.fp8, "training.fp8", ("off", "torchao"))
+        _one_of(self.fp8, "training.fp8", ("off", "torchao", "te"))
+        _one_of(self.fp8_recipe, "training.fp8_recipe", ("delayed", "current", "mxfp8"))
         _require(self.num_train_steps > 0, "training.num_train_steps", "must be > 0")
         _require(self.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0")
         _require(self.lr > 0, "training.lr", "must be > 0")
@@ -195,6 +197,9 @@ class RunConfig:
             if part is not None:
                 part.validate()
         _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
+        _require(self.training.fp8 != "te" or bool(self.model.get("use_te_layers")), "training.fp8",
+                 "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
+                 "training.fp8=torchao for plain layers")
         return self
 
 

@@ -1,12 +1,16 @@
-"""FP8 training on plain nn.Linear layers through torchao float8 (the portable path; it also runs on CPU).
-
-Only encoder-layer GEMMs whose dimensions FP8 kernels accept (multiples of 16) are converted; the log lists the rest.
+"""FP8 training: torchao float8 on plain nn.Linear layers (portable, runs on CPU too), or Transformer Engine's
+FP8 autocast with a scaling recipe over TE layers. Off by default; GEMMs FP8 cannot take stay in bf16, logged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Callable
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -36,9 +40,71 @@ def apply_float8(model: nn.Module) -> list[str]:
             converted.append(fqn)
         return eligible
 
-    convert_to_float8_training(model, module_filter_fn=keep)
+    try:
+        from torchao.float8 import Float8LinearConfig
+    except ImportError:  # older torchao: no config object, no token padding
+        convert_to_float8_training(model, module_filter_fn=keep)
+    else:
+        # Unpadded (packed) batches hold any number of tokens; the weight-gradient GEMM contracts over tokens, so
+        # FP8 needs that count padded to 16 inside the GEMM.
+        convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig(pad_inner_dim=True))
     log.info("float8: %d linear layers converted", len(converted))
     if left:
         log.info("float8: %d encoder linears left in higher precision (dimensions not multiples of %d): %s",
                  len(left), FP8_ALIGNMENT, ", ".join(left[:8]))
     return converted
+
+
+# Minimum CUDA compute capability per TE recipe: FP8 tensor cores from Ada/Hopper; MXFP8 from Blackwell.
+_TE_RECIPE_CAPABILITY = {"delayed": (8, 9), "current": (8, 9), "mxfp8": (10, 0)}
+
+
+def te_fp8_recipe(name: str):
+    """The Transformer Engine scaling recipe: delayed (amax history), current (per-tensor, per step) or MXFP8."""
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    if name == "current":
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    if name == "mxfp8":
+        return recipe.MXFP8BlockScaling(fp8_format=recipe.Format.E4M3)
+    raise ValueError(f"training.fp8_recipe: unknown recipe {name!r}; use delayed, current or mxfp8")
+
+
+def check_te_fp8_device(name: str, device: torch.device) -> None:
+    """Refuse, before any step, a recipe the GPU cannot run (instead of failing inside a TE kernel)."""
+    if device.type != "cuda":
+        raise ValueError("training.fp8=te needs a CUDA GPU (Transformer Engine); on CPU use training.fp8=torchao")
+    needed = _TE_RECIPE_CAPABILITY[name]
+    have = torch.cuda.get_device_capability(device)
+    if have < needed:
+        raise ValueError(f"training.fp8_recipe={name} needs compute capability {needed[0]}.{needed[1]} or newer; "
+                         f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}"
+                         + ("; use delayed or current" if name == "mxfp8" else ""))
+
+
+def te_fp8_autocast(name: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Factory of TE's FP8 autocast context for one forward; amax is reduced over all ranks when distributed."""
+    check_te_fp8_device(name, device)
+    import transformer_engine.pytorch as te
+
+    fp8_recipe = te_fp8_recipe(name)
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if hasattr(te, "autocast"):  # TE >= 2.8 name; fp8_autocast is its deprecated alias
+        return functools.partial(te.autocast, enabled=True, recipe=fp8_recipe, amax_reduction_group=group)
+    return functools.partial(te.fp8_autocast, enabled=True, fp8_recipe=fp8_recipe, fp8_group=group)
+
+
+def nest_contexts(*factories: Callable[[], contextlib.AbstractContextManager],
+                  ) -> Callable[[], contextlib.AbstractContextManager]:
+    """One context factory entering each of `factories` in order (e.g. bf16 autocast, then FP8 autocast)."""
+
+    @contextlib.contextmanager
+    def nested():
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                stack.enter_context(factory())
+            yield
+
+    return nested

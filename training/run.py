@@ -23,7 +23,7 @@ from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext, barrier
 from training.evaluation import packed_kwargs
-from training.float8 import apply_float8
+from training.float8 import apply_float8, nest_contexts, te_fp8_autocast
 from training.loop import LoopParts, LoopResult, run_loop
 from training.metrics_log import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
@@ -60,8 +60,11 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     """Train `task` to `num_train_steps` (resuming if checkpoints exist); export at the end."""
     tcfg = run.training
     dtype = compute_dtype(tcfg.precision, ctx.device)
+    autocast = autocast_factory(dtype, ctx.device, tcfg.strategy)
     if tcfg.fp8 == "torchao":
         apply_float8(task.trainable)
+    elif tcfg.fp8 == "te":
+        autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
                         activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
     optimizer = build_optimizer(model, tcfg, ctx.device)
@@ -80,7 +83,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         checkpointer=Checkpointer(run.checkpoint.dir, rank=ctx.rank, keep_last=run.checkpoint.keep_last,
                                   async_save=run.checkpoint.async_save, meta=meta),
         logger=logger, evaluate=lambda: task.evaluate(model, eval_batches),
-        autocast=autocast_factory(dtype, ctx.device, tcfg.strategy),
+        autocast=autocast,
         flops_per_token=_flops_per_token(task.export_config, data),
     )
     try:
