@@ -252,13 +252,16 @@ class BertOnlyMLMHead(nn.Module):
 def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
                    device: torch.device) -> tuple[AttentionLayout, torch.Tensor]:
     """Pad/unpad indices and per-cell positions for packed (THD) input."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at the packed length {total}; got {cu_seqlens.tolist()}")
+    # Checked on a host copy: one read instead of a device sync per check (none when the batch left it on the host).
+    host = cu_seqlens.detach().to("cpu", torch.long)
+    if host.dim() != 1 or host.numel() < 2 or int(host[0]) != 0 or int(host[-1]) != total:
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at the packed length {total}; got {host.tolist()}")
+    host_lengths = host[1:] - host[:-1]
+    if bool((host_lengths <= 0).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty cells); got {host.tolist()}")
+    longest = int(host_lengths.max())
+    cu = host.to(device, non_blocking=True) if cu_seqlens.device.type == "cpu" else cu_seqlens.to(torch.long)
     lengths = cu[1:] - cu[:-1]
-    if bool((lengths <= 0).any()):
-        raise ValueError(f"cu_seqlens must be strictly increasing (no empty cells); got {cu_seqlens.tolist()}")
-    longest = int(lengths.max())
     if max_seqlen is not None and int(max_seqlen) < longest:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed cell ({longest})")
     n = lengths.numel()

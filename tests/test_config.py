@@ -60,3 +60,23 @@ def test_heads_must_divide_hidden():
     run = parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["model.num_attention_heads=3"]))
     with pytest.raises(ValueError, match="num_attention_heads"):
         model_config_from_dict(run.model)
+
+
+@pytest.mark.parametrize(("override", "names"), [
+    ("training.fp8=te", ["training.fp8", "model.use_te_layers=true"]),
+    ("training.fp8_recipe=fp4", ["training.fp8_recipe", "delayed, current, mxfp8"]),
+])
+def test_fp8_options_are_checked(override, names):
+    with pytest.raises(ConfigError) as error:
+        parse_config(_compose(REPO / "hydra_config", "10m", [override, "data.pad_to_multiple_of=16"]))
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_relation_loss_refuses_packed_batches():
+    # Packed cells share one row; relations over it would mix cells, so the combination is refused.
+    with pytest.raises(ConfigError, match="distill.relation_weight.*data.packed=false"):
+        parse_config(_compose(REPO / "hydra_config" / "distill", "4m", ["distill.relation_weight=1.0"]))
+    run = parse_config(_compose(REPO / "hydra_config" / "distill", "4m",
+                                ["distill.relation_weight=1.0", "data.packed=false"]))
+    assert run.distill.relation_weight == 1.0

@@ -197,6 +197,8 @@ class RunConfig:
             if part is not None:
                 part.validate()
         _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
+        _require(self.distill is None or self.distill.relation_weight == 0 or not self.data.packed,
+                 "distill.relation_weight", "self-attention relations are per cell; set data.packed=false with them")
         _require(self.training.fp8 != "te" or bool(self.model.get("use_te_layers")), "training.fp8",
                  "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
                  "training.fp8=torchao for plain layers")
