@@ -74,11 +74,16 @@ def normalized_values(
     """
     if slots is None:
         slots = aggregated.indices.astype(np.intp)
-    values = np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
-    np.divide(aggregated.data, values, out=values)  # in place: same rounding as the expression, fewer temporaries
-    values *= TARGET_SUM
-    values /= medians.take(slots)
-    return values
+    per_entry = np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
+    return _normalize(aggregated.data, per_entry, medians.take(slots))
+
+
+def _normalize(counts: np.ndarray, totals: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """counts / totals * 10,000 / medians, entry by entry, written over `totals` (fewer temporaries, same rounding)."""
+    np.divide(counts, totals, out=totals)
+    totals *= TARGET_SUM
+    totals /= medians
+    return totals
 
 
 def encode_chunk(
@@ -115,8 +120,10 @@ def encode_chunk(
         exact_rows = np.arange(n_cells)  # ids or values do not fit the key: rank every row exactly
     for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
+        row_totals = np.full(stop - start, totals[i], dtype=np.float64)  # `values` may now hold sort keys
+        row_values = _normalize(aggregated.data[start:stop], row_totals, column_map.medians.take(slots[start:stop]))
         tokens = token_ids.take(slots[start:stop])
-        order = np.lexsort((tokens, -values[start:stop]))[:max_genes]
+        order = np.lexsort((tokens, -row_values))[:max_genes]
         out[begins[i] : begins[i] + kept[i]] = tokens[order]
     if extra:
         out[offsets[:-1]] = cls_id
@@ -135,7 +142,7 @@ def _rank_by_keys(
 ) -> np.ndarray:
     """Write each row's top `kept` tokens to `out[begin:]` through float64 sort keys; return rows to redo exactly.
 
-    `low_bits` is each entry's token id with the sign bit set. Key = the value's bits (for values in
+    `values` is overwritten with the keys. `low_bits` is each entry's token id with the sign bit set. Key = the value's bits (for values in
     [0, inf) they order like the value) with the low 16 bits replaced by 0xFFFF - token id and the sign
     flipped: read as a float64, the key is -(value, coarsened), so an ascending sort gives value descending,
     then token id ascending. numpy sorts float64 ~15% faster than uint64, and sorting keys in place is several
@@ -143,7 +150,8 @@ def _rank_by_keys(
     relative, or exact ties) among the kept genes or across the truncation point send that row to the exact
     path, so the result is always exactly "value descending, then token id ascending".
     """
-    keys = values.view(np.uint64) | _TOKEN_MASK
+    keys = values.view(np.uint64)  # in place: a fresh array this size costs as much again in page faults
+    keys |= _TOKEN_MASK
     keys ^= low_bits
     keys = keys.view(np.float64)
     out_keys = out.view(np.float64)
@@ -159,7 +167,8 @@ def _rank_by_keys(
         row.sort()
         out_keys[begin : begin + n] = row
     bits = out.view(np.uint64)
-    same = (bits[1:] ^ bits[:-1]) <= _TOKEN_MASK  # equal above the token bits
+    scratch = keys.view(np.uint64)[: len(bits) - 1] if len(keys) >= len(bits) else None  # keys are spent
+    same = np.bitwise_xor(bits[1:], bits[:-1], out=scratch) <= _TOKEN_MASK  # equal above the token bits
     # Pairs that straddle two cells or touch the (not yet written) <cls>/<eos> slots do not count.
     last = begins + kept - 1
     for edge in (begins - 1, last, offsets[1:] - 1):
