@@ -55,9 +55,9 @@ def aggregate_to_vocabulary(counts: sp.csr_matrix, column_map: GeneColumnMap) ->
         return out
     if keep is None:
         keep = np.ones(counts.nnz, dtype=bool)
-    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    kept_before = np.zeros(len(keep) + 1, dtype=indptr.dtype)
     np.cumsum(keep, out=kept_before[1:])
-    out = sp.csr_matrix((counts.data[keep].astype(np.float64), target[keep], kept_before[counts.indptr]),
+    out = sp.csr_matrix((counts.data[keep].astype(np.float64, copy=False), target[keep], kept_before[indptr]),
                         shape=(counts.shape[0], column_map.n_slots))
     out.has_sorted_indices = False
     if column_map.has_duplicates:

@@ -100,6 +100,8 @@ def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, al
             "the tokenizer needs raw counts (pick the counts matrix with --layer)"
         )
     fractional = ~whole
+    if not fractional.any():  # -0.0, which the sign-bit test above sends here
+        return 0
     rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(fractional), side="right") - 1)
     if not allow_non_integer:
         example = data[np.flatnonzero(fractional)[0]]
