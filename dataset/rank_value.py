@@ -142,13 +142,14 @@ def _rank_by_keys(
 ) -> np.ndarray:
     """Write each row's top `kept` tokens to `out[begin:]` through float64 sort keys; return rows to redo exactly.
 
-    `values` is overwritten with the keys. `low_bits` is each entry's token id with the sign bit set. Key = the value's bits (for values in
-    [0, inf) they order like the value) with the low 16 bits replaced by 0xFFFF - token id and the sign
-    flipped: read as a float64, the key is -(value, coarsened), so an ascending sort gives value descending,
-    then token id ascending. numpy sorts float64 ~15% faster than uint64, and sorting keys in place is several
-    times faster than an argsort. Two keys of a row equal above the token bits (values within ~1e-11
-    relative, or exact ties) among the kept genes or across the truncation point send that row to the exact
-    path, so the result is always exactly "value descending, then token id ascending".
+    `values` is overwritten with the keys; `low_bits` is each entry's token id with the sign bit set. Key =
+    the value's bits (for values in [0, inf) they order like the value) with the low 16 bits replaced by
+    0xFFFF - token id and the sign flipped: read as a float64 the key is -(value, coarsened), so an ascending
+    sort gives value descending, then token id ascending. numpy sorts float64 ~15% faster than uint64, and
+    sorting keys in place is several times faster than an argsort. Two keys of a row equal above the token
+    bits (values within ~1e-11 relative, or exact ties) among the kept genes or across the truncation point
+    send that row to the exact path, so the result is always exactly "value descending, then token id
+    ascending".
     """
     keys = values.view(np.uint64)  # in place: a fresh array this size costs as much again in page faults
     keys |= _TOKEN_MASK
