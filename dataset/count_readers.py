@@ -81,8 +81,11 @@ class _H5adSource(CountSource):
             if encoding == "csr_matrix":
                 indptr = element["indptr"][start : stop + 1].astype(np.int64)
                 lo, hi = int(indptr[0]), int(indptr[-1])
+                indptr -= lo
+                if hi - lo < 1 << 31:  # int32 like the indices: SciPy then takes them as they are, without a scan
+                    indptr = indptr.astype(np.int32)
                 matrix = sp.csr_matrix(
-                    (element["data"][lo:hi], element["indices"][lo:hi], indptr - lo),
+                    (element["data"][lo:hi], element["indices"][lo:hi], indptr),
                     shape=(stop - start, len(self.gene_names)),
                 )
             elif encoding == "csc_matrix":

@@ -163,6 +163,11 @@ class GeneColumnMap:
         return len(self.token_ids)
 
     @cached_property
+    def all_mapped(self) -> bool:
+        """Every input column has a vocabulary slot (no entry needs dropping for its gene)."""
+        return bool((self.target >= 0).all())
+
+    @cached_property
     def has_duplicates(self) -> bool:
         kept = self.target[self.target >= 0]
         return len(kept) != len(np.unique(kept))

@@ -20,6 +20,8 @@ TARGET_SUM = 10_000.0
 # token for token, and for exact ties this rule is the deterministic one.
 _TOKEN_BITS = np.uint64(16)
 _TOKEN_MASK = np.uint64((1 << 16) - 1)
+_SIGN_BIT = np.uint64(1 << 63)
+_INF_BITS = np.uint64(0x7FF0_0000_0000_0000)  # +inf; every finite value >= +0.0 has smaller bits
 TIE_BREAK = "value descending; exactly equal values by ascending token id"
 
 
@@ -42,31 +44,46 @@ def aggregate_to_vocabulary(counts: sp.csr_matrix, column_map: GeneColumnMap) ->
     Counts are summed before normalizing, as Geneformer does, so float rounding matches it. Indices within a
     row may be unsorted (the encoding orders by token itself).
     """
-    target = column_map.target[counts.indices]
-    keep = (target >= 0) & (counts.data != 0)
-    if keep.all() and not column_map.has_duplicates:  # every entry maps to its own gene: no copy needed
-        out = sp.csr_matrix((counts.data.astype(np.float64, copy=False), target, counts.indptr),
+    # int32 slots and indptr: SciPy then keeps the arrays as they are instead of scanning and converting them.
+    target = np.take(column_map.target.astype(np.int32, copy=False), counts.indices)
+    indptr = counts.indptr.astype(np.int32) if counts.nnz < 1 << 31 else counts.indptr
+    keep = None if column_map.all_mapped and counts.data.all() else (target >= 0) & (counts.data != 0)
+    if (keep is None or keep.all()) and not column_map.has_duplicates:  # one gene per entry: no copy needed
+        out = sp.csr_matrix((counts.data.astype(np.float64, copy=False), target, indptr),
                             shape=(counts.shape[0], column_map.n_slots))
         out.has_sorted_indices = False
         return out
-    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    if keep is None:
+        keep = np.ones(counts.nnz, dtype=bool)
+    kept_before = np.zeros(len(keep) + 1, dtype=indptr.dtype)
     np.cumsum(keep, out=kept_before[1:])
-    indptr = kept_before[counts.indptr]
-    out = sp.csr_matrix(
-        (counts.data[keep].astype(np.float64), target[keep], indptr), shape=(counts.shape[0], column_map.n_slots)
-    )
+    out = sp.csr_matrix((counts.data[keep].astype(np.float64, copy=False), target[keep], kept_before[indptr]),
+                        shape=(counts.shape[0], column_map.n_slots))
     out.has_sorted_indices = False
     if column_map.has_duplicates:
         out.sum_duplicates()  # sorts each row's indices and adds up columns of the same gene
     return out
 
 
-def normalized_values(aggregated: sp.csr_matrix, totals: np.ndarray, medians: np.ndarray) -> np.ndarray:
-    """count / cell total * 10,000 / gene median, in float64 and in Geneformer's order of operations."""
-    values = aggregated.data / np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
-    values *= TARGET_SUM  # in place: same rounding as the expression, fewer temporaries
-    values /= medians[aggregated.indices]
-    return values
+def normalized_values(
+    aggregated: sp.csr_matrix, totals: np.ndarray, medians: np.ndarray, slots: np.ndarray | None = None
+) -> np.ndarray:
+    """count / cell total * 10,000 / gene median, in float64 and in Geneformer's order of operations.
+
+    `slots` is `aggregated.indices` as intp, if the caller already has it (np.take is fastest with intp).
+    """
+    if slots is None:
+        slots = aggregated.indices.astype(np.intp)
+    per_entry = np.repeat(np.asarray(totals, dtype=np.float64), np.diff(aggregated.indptr))
+    return _normalize(aggregated.data, per_entry, medians.take(slots))
+
+
+def _normalize(counts: np.ndarray, totals: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """counts / totals * 10,000 / medians, entry by entry, written over `totals` (fewer temporaries, same rounding)."""
+    np.divide(counts, totals, out=totals)
+    totals *= TARGET_SUM
+    totals /= medians
+    return totals
 
 
 def encode_chunk(
@@ -83,8 +100,8 @@ def encode_chunk(
     `totals` is each cell's count over all its genes (also those outside the vocabulary). With `cls_id` and
     `eos_id` (V2 layout) each cell becomes `<cls>`, up to `max_genes` genes, `<eos>`.
     """
-    values = normalized_values(aggregated, totals, column_map.medians)
-    tokens = column_map.token_ids[aggregated.indices]
+    slots = aggregated.indices.astype(np.intp)
+    values = normalized_values(aggregated, totals, column_map.medians, slots)
     indptr = aggregated.indptr.astype(np.int64)
     n_cells = aggregated.shape[0]
     n_genes = np.diff(indptr)
@@ -94,44 +111,53 @@ def encode_chunk(
     np.cumsum(kept + extra, out=offsets[1:])
     begins = offsets[:-1] + (1 if extra else 0)
     out = np.empty(offsets[-1], dtype=np.int64)
-    if len(tokens) and tokens.max() >= 1 << int(_TOKEN_BITS):
-        exact_rows = np.arange(n_cells)  # ids do not fit the key: rank every row exactly
+    token_ids = np.asarray(column_map.token_ids, dtype=np.int64)
+    fits = len(token_ids) == 0 or token_ids.max() <= int(_TOKEN_MASK)
+    if fits and (len(values) == 0 or values.view(np.uint64).max() < _INF_BITS):
+        low_bits = token_ids.view(np.uint64) | _SIGN_BIT
+        exact_rows = _rank_by_keys(values, low_bits.take(slots), indptr, offsets, begins, kept, out)
     else:
-        exact_rows = _rank_by_keys(values, tokens, indptr, offsets, begins, kept, out)
+        exact_rows = np.arange(n_cells)  # ids or values do not fit the key: rank every row exactly
     for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
-        order = np.lexsort((tokens[start:stop], -values[start:stop]))[:max_genes]
-        begin = offsets[i] + (1 if extra else 0)
-        out[begin : begin + kept[i]] = tokens[start:stop][order]
+        row_totals = np.full(stop - start, totals[i], dtype=np.float64)  # `values` may now hold sort keys
+        row_values = _normalize(aggregated.data[start:stop], row_totals, column_map.medians.take(slots[start:stop]))
+        tokens = token_ids.take(slots[start:stop])
+        order = np.lexsort((tokens, -row_values))[:max_genes]
+        out[begins[i] : begins[i] + kept[i]] = tokens[order]
     if extra:
         out[offsets[:-1]] = cls_id
         out[offsets[1:] - 1] = eos_id
-    return EncodedChunk(tokens=out, offsets=offsets, n_genes=n_genes.astype(np.int64))
+    return EncodedChunk(tokens=out, offsets=offsets, n_genes=n_genes)
 
 
 def _rank_by_keys(
     values: np.ndarray,
-    tokens: np.ndarray,
+    low_bits: np.ndarray,
     indptr: np.ndarray,
     offsets: np.ndarray,
     begins: np.ndarray,
     kept: np.ndarray,
     out: np.ndarray,
 ) -> np.ndarray:
-    """Write each row's top `kept` tokens to `out[begin:]` through uint64 sort keys; return rows to redo exactly.
+    """Write each row's top `kept` tokens to `out[begin:]` through float64 sort keys; return rows to redo exactly.
 
-    Key = the value's float64 bits (for positive floats they order like the value), complemented for descending
-    order, with the low 16 bits replaced by the token id. Sorting keys in place is several times faster than an
-    argsort; two keys of a row equal above the token bits (values within ~1e-11 relative, or exact ties) among
-    the kept genes or across the truncation point send that row to the exact path, so the result is always
-    exactly "value descending, then token id ascending".
+    `values` is overwritten with the keys; `low_bits` is each entry's token id with the sign bit set. Key =
+    the value's bits (for values in [0, inf) they order like the value) with the low 16 bits replaced by
+    0xFFFF - token id and the sign flipped: read as a float64 the key is -(value, coarsened), so an ascending
+    sort gives value descending, then token id ascending. numpy sorts float64 ~15% faster than uint64, and
+    sorting keys in place is several times faster than an argsort. Two keys of a row equal above the token
+    bits (values within ~1e-11 relative, or exact ties) among the kept genes or across the truncation point
+    send that row to the exact path, so the result is always exactly "value descending, then token id
+    ascending".
     """
-    keys = ~values.view(np.uint64)
-    keys >>= _TOKEN_BITS
-    keys <<= _TOKEN_BITS
-    keys |= tokens.view(np.uint64)  # ids are >= 0 and < 2^16
-    out_keys = out.view(np.uint64)
-    first_dropped = np.zeros(len(kept), dtype=np.uint64)  # smallest key past the truncation point, if any
+    keys = values.view(np.uint64)  # in place: a fresh array this size costs as much again in page faults
+    keys |= _TOKEN_MASK
+    keys ^= low_bits
+    keys = keys.view(np.float64)
+    out_keys = out.view(np.float64)
+    truncated = np.flatnonzero(np.diff(indptr) > kept)
+    first_dropped = np.zeros(len(kept), dtype=np.float64)  # largest-ranked key past the truncation point
     bounds, starts, lengths = indptr.tolist(), begins.tolist(), kept.tolist()
     for i, begin in enumerate(starts):
         row, n = keys[bounds[i] : bounds[i + 1]], lengths[i]
@@ -141,15 +167,17 @@ def _rank_by_keys(
             row = row[:n]
         row.sort()
         out_keys[begin : begin + n] = row
-    coarse = out_keys >> _TOKEN_BITS
-    same = coarse[1:] == coarse[:-1]
+    bits = out.view(np.uint64)
+    scratch = keys.view(np.uint64)[: len(bits) - 1] if len(keys) >= len(bits) else None  # keys are spent
+    same = np.bitwise_xor(bits[1:], bits[:-1], out=scratch) <= _TOKEN_MASK  # equal above the token bits
     # Pairs that straddle two cells or touch the (not yet written) <cls>/<eos> slots do not count.
     last = begins + kept - 1
     for edge in (begins - 1, last, offsets[1:] - 1):
         same[edge[(edge >= 0) & (edge < len(same))]] = False
     tied = np.zeros(len(kept) + 1, dtype=bool)
     tied[np.searchsorted(begins, np.flatnonzero(same), side="right") - 1] = True
-    truncated = np.flatnonzero(first_dropped)
-    tied[truncated] |= (first_dropped[truncated] >> _TOKEN_BITS) == coarse[last[truncated]]
-    out_keys &= _TOKEN_MASK  # every slot but <cls>/<eos> (set later) holds a key: keep its token bits
+    dropped_bits = first_dropped.view(np.uint64)[truncated]
+    tied[truncated] |= (dropped_bits ^ bits[last[truncated]]) <= _TOKEN_MASK
+    bits &= _TOKEN_MASK  # every slot but <cls>/<eos> (set later) holds a key: keep its token bits,
+    bits ^= _TOKEN_MASK  # which hold 0xFFFF - token id
     return np.flatnonzero(tied[:-1])

@@ -70,12 +70,28 @@ class _Input:
     column_map: GeneColumnMap | None = None
 
 
+def _whole_non_negative(data: np.ndarray) -> bool:
+    """True if every value is a finite whole number >= 0 (raw counts), checked in the input's own dtype."""
+    if len(data) == 0 or data.dtype.kind == "u":
+        return True
+    if data.dtype.kind == "i":
+        return bool(data.min() >= 0)
+    if data.dtype.kind != "f":
+        return False
+    # Read as unsigned integers, floats in [+0, inf) have bits below those of +inf; negatives (also -0.0), inf
+    # and NaN have higher ones. One max instead of min, max and an isfinite.
+    unsigned = np.dtype(f"u{data.dtype.itemsize}")
+    if data.view(unsigned).max() >= np.array(np.inf, dtype=data.dtype).view(unsigned):
+        return False
+    return bool((np.floor(data) == data).all())
+
+
 def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, allow_non_integer: bool) -> int:
     """Raise on negative/NaN counts; return how many cells hold non-integer counts (an error unless allowed)."""
-    data = matrix.data
-    whole = np.floor(data) == data  # False for NaN
-    if whole.all() and (len(data) == 0 or (data.min() >= 0 and data.max() < np.inf)):
+    if _whole_non_negative(matrix.data):  # the usual case, on the stored (often float32) values: half the bytes
         return 0
+    data = matrix.data.astype(np.float64, copy=False)
+    whole = np.floor(data) == data  # False for NaN
     bad = ~np.isfinite(data) | (data < 0)
     if bad.any():
         row = first_row + int(np.searchsorted(matrix.indptr, np.flatnonzero(bad)[0], side="right") - 1)
@@ -84,6 +100,8 @@ def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, al
             "the tokenizer needs raw counts (pick the counts matrix with --layer)"
         )
     fractional = ~whole
+    if not fractional.any():  # -0.0, which the sign-bit test above sends here
+        return 0
     rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(fractional), side="right") - 1)
     if not allow_non_integer:
         example = data[np.flatnonzero(fractional)[0]]
@@ -121,8 +139,8 @@ def _passing_chunks(
     """Chunks of cells that pass the filters: (counts per vocabulary slot, cell totals over all genes, obs)."""
     first_row = 0
     for matrix, obs in item.source.iter_chunks(settings["chunk_size"], obs_columns):
-        matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
         non_integer = _check_counts(matrix, item.source, first_row, settings["allow_non_integer"])
+        matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
         first_row += matrix.shape[0]
         totals = _row_sums(matrix)
         n_expressed = _row_nonzeros(matrix) if settings["min_genes"] > 0 else None
@@ -138,7 +156,8 @@ def _passing_chunks(
             stats.filtered_min_genes += int((enough_counts & ~enough_genes).sum())
             stats.no_vocabulary_genes += int((enough_counts & enough_genes & ~has_vocab_gene).sum())
             stats.counts_total += float(totals[keep].sum())
-            stats.counts_in_vocabulary += float(aggregated.data[np.repeat(keep, np.diff(aggregated.indptr))].sum())
+            in_kept = aggregated.data if keep.all() else aggregated.data[np.repeat(keep, np.diff(aggregated.indptr))]
+            stats.counts_in_vocabulary += float(in_kept.sum())
         if keep.all():
             yield aggregated, totals, obs
         elif keep.any():

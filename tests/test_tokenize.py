@@ -489,3 +489,63 @@ def test_near_tie_at_the_truncation_point_keeps_the_larger_value():
     counts = sp.csr_matrix(np.array([[5.0, 2.0, 2.0]]))
     encoded = encode_chunk(aggregate_to_vocabulary(counts, column_map), np.array([9.0]), column_map, max_genes=2)
     assert encoded.tokens.tolist() == [10, 12]
+
+
+@pytest.mark.parametrize("case", ["zeros_and_unmapped_columns", "duplicate_columns", "ids_past_16_bits", "tiny_median"])
+def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
+    """The sort-key path and its exact fallbacks (ids that do not fit the key, values that overflow) against a
+    plain sort of each cell, on float32 counts with many equal values."""
+    from dataset.gene_tables import GeneColumnMap
+    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+
+    rng = np.random.default_rng(7)
+    n_columns, n_slots, max_genes = 60, 50, 30
+    target = rng.permutation(n_columns) % n_slots if case == "duplicate_columns" else rng.permutation(n_columns)
+    target = np.where(target < n_slots, target, -1)  # unmapped columns in every case but duplicates
+    token_ids = np.sort(rng.choice(70_000 if case == "ids_past_16_bits" else 30_000, n_slots, replace=False)) + 4
+    medians = rng.choice([0.5, 1.0, 1.5, 3.0], n_slots)
+    if case == "tiny_median":
+        medians[3] = 1e-320  # its values overflow to inf: no sort key for them
+    column_map = GeneColumnMap(target=target, token_ids=token_ids, medians=medians,
+                               gene_ids=tuple(map(str, range(n_slots))), n_columns=n_columns,
+                               n_mapped_to_ensembl=n_columns)
+    counts = sp.random(25, n_columns, density=0.7, format="csr", random_state=8,
+                       data_rvs=lambda k: rng.integers(0, 4, k)).astype(np.float32)  # explicit zeros too
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    with np.errstate(over="ignore"):
+        encoded = encode_chunk(aggregate_to_vocabulary(counts, column_map), totals, column_map, max_genes=max_genes)
+    for i in range(counts.shape[0]):
+        per_slot = np.zeros(n_slots)
+        row = counts[i]
+        for column, count in zip(row.indices, row.data, strict=True):
+            if target[column] >= 0:
+                per_slot[target[column]] += count
+        slots = np.flatnonzero(per_slot)
+        with np.errstate(over="ignore"):
+            values = per_slot[slots] / totals[i] * 10_000 / medians[slots]
+        expected = [int(t) for _, t in sorted(zip(-values, token_ids[slots], strict=True))][:max_genes]
+        assert encoded.tokens[encoded.offsets[i] : encoded.offsets[i + 1]].tolist() == expected
+
+
+@pytest.mark.parametrize("values", [[0, 3, 1], [0.0, -0.0, 2.0], [1.5, 2.0, 0.0], [1.0, np.nan, 0.0],
+                                    [1.0, np.inf, 0.0], [2.0, -1.0, 0.0]])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float16, np.float32, np.float64])
+def test_count_check_in_the_stored_dtype_agrees_with_float64(values, dtype):
+    """Checking counts before the float64 copy accepts and rejects exactly what the float64 check does."""
+    from types import SimpleNamespace
+
+    from dataset.tokenize import _check_counts
+
+    with np.errstate(invalid="ignore"):
+        stored = np.array(values, dtype=np.float64).astype(dtype)
+    source = SimpleNamespace(path="x.h5ad", matrix="X")
+
+    def check(data, allow):
+        matrix = sp.csr_matrix((data, np.arange(3), np.array([0, 1, 3])), shape=(2, 3))
+        try:
+            return _check_counts(matrix, source, 0, allow)
+        except ValueError as error:
+            return str(error)
+
+    for allow in (False, True):
+        assert check(stored, allow) == check(stored.astype(np.float64), allow)
