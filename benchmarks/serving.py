@@ -144,6 +144,13 @@ def score_classifier(model: torch.nn.Module, batches: list[dict], n_labels: int)
     return scores | {"cells_s": scores["cells"] / (time.perf_counter() - start)}
 
 
+def interleaved(measures: list, repeats: int) -> list[dict]:
+    """Each measure's first result with cells/s replaced by the median over `repeats` rounds, the measures taking
+    turns within a round, so a change of machine load hits them all alike."""
+    rounds = [[measure() for measure in measures] for _ in range(repeats)]
+    return [rounds[0][i] | {"cells_s": float(np.median([r[i]["cells_s"] for r in rounds]))} for i in range(len(measures))]
+
+
 def engine_files(model_dir: Path, report: ExportReport) -> list[tuple[str, Path]]:
     return [("pytorch fp32", model_dir / "model.safetensors"), ("onnx fp32", Path(report.fp32_path)),
             ("onnx int8", Path(report.int8_path))]
@@ -173,8 +180,10 @@ def masked_lm_section(args: argparse.Namespace, work: Path) -> None:
 
     forwards = [torch_forward, lambda b: run_session(fp32_sess, b["input_ids"], b["attention_mask"]),
                 lambda b: run_session(int8_sess, b["input_ids"], b["attention_mask"])]
-    results = [run_engine(name, fn, data) | {"mb": path.stat().st_size / 1e6}
-               for (name, path), fn in zip(engine_files(model_dir, report), forwards, strict=True)]
+    measures = [lambda name=name, fn=fn: run_engine(name, fn, data)
+                for (name, _), fn in zip(engine_files(model_dir, report), forwards, strict=True)]
+    results = [r | {"mb": path.stat().st_size / 1e6}
+               for r, (_, path) in zip(interleaved(measures, args.repeats), engine_files(model_dir, report), strict=True)]
 
     n_cells = sum(len(b["input_ids"]) for b in data)
     n_masked = sum(int((b["labels"] != -100).sum()) for b in data)
@@ -196,8 +205,10 @@ def classifier_section(args: argparse.Namespace, work: Path) -> None:
     models = [BertForCellClassification.from_pretrained(classifier_dir).eval(),
               OnnxClassifier(session(Path(report.fp32_path), args.threads)),
               OnnxClassifier(session(Path(report.int8_path), args.threads))]
-    results = [score_classifier(model, data, n_labels) | {"name": name, "mb": path.stat().st_size / 1e6}
-               for (name, path), model in zip(engine_files(classifier_dir, report), models, strict=True)]
+    measures = [lambda model=model: score_classifier(model, data, n_labels) for model in models]
+    results = [r | {"name": name, "mb": path.stat().st_size / 1e6}
+               for r, (name, path) in zip(interleaved(measures, args.repeats), engine_files(classifier_dir, report),
+                                          strict=True)]
 
     print(f"\nclassifier {classifier_dir}: {int(results[0]['cells'])} held-out cells of finetune's stratified split, "
           f"{n_labels} classes; logits [B,{n_labels}] out")
@@ -225,13 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", type=int, default=80, help="masked-LM held-out cells to serve (0 = all held-out cells)")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget of a masked-LM batch")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of PyTorch and onnxruntime")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; cells/s is their median")
     p.add_argument("--work", default=None, help="where the ONNX files go (default: a temporary directory)")
     args = p.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="serving_bench_"))
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"{args.threads} threads, load average {load[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    print(f"{args.threads} threads, median cells/s of {args.repeats} interleaved rounds, load average {load[0]:.1f} on {os.cpu_count()} cores", flush=True)
     masked_lm_section(args, work)
     if not args.no_classifier:
         classifier_section(args, work)
