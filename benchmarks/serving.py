@@ -148,7 +148,8 @@ def interleaved(measures: list, repeats: int) -> list[dict]:
     """Each measure's first result with cells/s replaced by the median over `repeats` rounds, the measures taking
     turns within a round, so a change of machine load hits them all alike."""
     rounds = [[measure() for measure in measures] for _ in range(repeats)]
-    return [rounds[0][i] | {"cells_s": float(np.median([r[i]["cells_s"] for r in rounds]))} for i in range(len(measures))]
+    return [first | {"cells_s": float(np.median([r[i]["cells_s"] for r in rounds]))}
+            for i, first in enumerate(rounds[0])]
 
 
 def engine_files(model_dir: Path, report: ExportReport) -> list[tuple[str, Path]]:
@@ -182,8 +183,9 @@ def masked_lm_section(args: argparse.Namespace, work: Path) -> None:
                 lambda b: run_session(int8_sess, b["input_ids"], b["attention_mask"])]
     measures = [lambda name=name, fn=fn: run_engine(name, fn, data)
                 for (name, _), fn in zip(engine_files(model_dir, report), forwards, strict=True)]
+    files = engine_files(model_dir, report)
     results = [r | {"mb": path.stat().st_size / 1e6}
-               for r, (_, path) in zip(interleaved(measures, args.repeats), engine_files(model_dir, report), strict=True)]
+               for r, (_, path) in zip(interleaved(measures, args.repeats), files, strict=True)]
 
     n_cells = sum(len(b["input_ids"]) for b in data)
     n_masked = sum(int((b["labels"] != -100).sum()) for b in data)
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="serving_bench_"))
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"{args.threads} threads, median cells/s of {args.repeats} interleaved rounds, load average {load[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    print(f"{args.threads} threads, median cells/s of {args.repeats} interleaved rounds, load average "
+          f"{load[0]:.1f} on {os.cpu_count()} cores", flush=True)
     masked_lm_section(args, work)
     if not args.no_classifier:
         classifier_section(args, work)

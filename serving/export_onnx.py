@@ -31,7 +31,8 @@ ServedModel = BertForMaskedLM | BertForCellClassification
 def load_served_model(model_dir: str | os.PathLike) -> ServedModel:
     """The model a directory's config.json names: a fine-tuned sequence classifier, else a masked-LM model."""
     config_path = Path(model_dir) / "config.json"
-    if config_path.is_file() and CLASSIFIER_ARCHITECTURE in json.loads(config_path.read_text()).get("architectures", []):
+    architectures = json.loads(config_path.read_text()).get("architectures", []) if config_path.is_file() else []
+    if CLASSIFIER_ARCHITECTURE in architectures:
         return BertForCellClassification.from_pretrained(model_dir).eval()
     return BertForMaskedLM.from_pretrained(model_dir).eval()
 
@@ -40,7 +41,7 @@ class ServingWrapper(nn.Module):
     """(input_ids, attention_mask) -> one tensor, the shape ONNX wants: no dataclass, no optional arguments.
 
     Both models answer `model(input_ids, attention_mask).logits`: [B,S,V] for the masked-LM model, [B,n_labels]
-    for the classifier (which offers no `hidden` output: its embedding is the masked-LM export's).
+    for the classifier. A classifier has no `hidden` output: export its masked-LM model for embeddings.
     """
 
     def __init__(self, model: ServedModel, output: str) -> None:
@@ -252,7 +253,8 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ou
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported BertForMaskedLM directory, or the final_model of finetune.py (a classifier)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported BertForMaskedLM directory, or the final_model of finetune.py (a classifier)")
     p.add_argument("--out", required=True, help="output directory for model.onnx, model.int8.onnx and export.json")
     p.add_argument("--output", choices=OUTPUTS, default="logits",
                    help="'logits': masked-LM logits [B,S,V] (a classifier's: [B,n_labels]); 'hidden': last hidden "
