@@ -59,12 +59,16 @@ def resolve_model_dir(run: RunConfig, ctx: DistributedContext) -> Path:
     return export_dir
 
 
+def cell_max_length(run: RunConfig, source: BertTEConfig) -> int:
+    """Genes kept per cell: model.max_position_embeddings caps it (shorter cells train faster), never past the model's."""
+    return min(source.max_position_embeddings, run.model.get("max_position_embeddings", 1 << 30))
+
+
 def finetune(run: RunConfig, ctx: DistributedContext) -> None:
     model_dir = resolve_model_dir(run, ctx)
     source = BertTEConfig.from_pretrained(str(model_dir))
-    # model.max_position_embeddings caps the cell length (shorter cells train faster); never past the model's.
-    max_length = min(source.max_position_embeddings, run.model.get("max_position_embeddings", 1 << 30))
-    data, labels = build_classification_data(run, ctx, vocab_size=source.vocab_size, max_length=max_length)
+    data, labels = build_classification_data(run, ctx, vocab_size=source.vocab_size,
+                                             max_length=cell_max_length(run, source))
     model = BertForCellClassification.from_masked_lm_dir(model_dir, labels.id2label, seed=run.seed)
     model.freeze(run.finetune.freeze_layers)
     log.info("%d classes, %d training and %d held-out cells; %d of %d layers frozen", len(labels.names),

@@ -1,4 +1,4 @@
-"""Small serving of exported students: ONNX export (fp32 and dynamically quantized INT8) and onnxruntime sessions.
+"""Small serving of exported students and fine-tuned classifiers: ONNX export (fp32 and dynamic INT8) and sessions.
 
 See `python -m serving.export_onnx --help` and benchmarks/serving.py.
 """

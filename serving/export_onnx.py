@@ -1,5 +1,5 @@
-"""Export a BertForMaskedLM directory to ONNX (dynamic batch and length), check it against PyTorch through
-onnxruntime, and write a dynamically quantized INT8 copy beside it.
+"""Export a BertForMaskedLM or a fine-tuned BertForSequenceClassification directory to ONNX (dynamic batch and
+length), check it against PyTorch through onnxruntime, and write a dynamically quantized INT8 copy beside it.
 """
 
 from __future__ import annotations
@@ -16,22 +16,46 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetuning.model import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
 
 log = logging.getLogger("serving.export_onnx")
 
 OUTPUTS = ("logits", "hidden")  # full masked-LM logits [B,S,V], or the last hidden states [B,S,H] (embeddings)
 FP32_NAME, INT8_NAME = "model.onnx", "model.int8.onnx"
+CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+
+ServedModel = BertForMaskedLM | BertForCellClassification
+
+
+def load_served_model(model_dir: str | os.PathLike) -> ServedModel:
+    """The model a directory's config.json names: a fine-tuned sequence classifier, else a masked-LM model."""
+    config_path = Path(model_dir) / "config.json"
+    architectures = json.loads(config_path.read_text()).get("architectures", []) if config_path.is_file() else []
+    if CLASSIFIER_ARCHITECTURE in architectures:
+        return BertForCellClassification.from_pretrained(model_dir).eval()
+    return BertForMaskedLM.from_pretrained(model_dir).eval()
 
 
 class ServingWrapper(nn.Module):
-    """(input_ids, attention_mask) -> one tensor, the shape ONNX wants: no dataclass, no optional arguments."""
+    """(input_ids, attention_mask) -> one tensor, the shape ONNX wants: no dataclass, no optional arguments.
 
-    def __init__(self, model: BertForMaskedLM, output: str) -> None:
+    Both models answer `model(input_ids, attention_mask).logits`: [B,S,V] for the masked-LM model, [B,n_labels]
+    for the classifier. A classifier has no `hidden` output: export its masked-LM model for embeddings.
+    """
+
+    def __init__(self, model: ServedModel, output: str) -> None:
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output {output!r} is unknown; choose one of {OUTPUTS}")
+        if output == "hidden" and isinstance(model, BertForCellClassification):
+            raise ValueError("a classifier exports its logits only; export its masked-LM model for hidden states")
         self.model, self.output = model, output
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the output has a length axis (masked-LM logits, hidden states) or one row per cell."""
+        return not isinstance(self.model, BertForCellClassification)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.output == "hidden":
@@ -47,6 +71,7 @@ class ExportReport:
     max_abs_diff: float
     fp32_bytes: int
     int8_bytes: int | None
+    fp32_bytes_unshared: int  # before store_repeats_once: the tied embedding stored twice
 
 
 def require_onnx() -> None:
@@ -72,9 +97,10 @@ def example_inputs(vocab_size: int, batch: int = 2, length: int = 16, seed: int 
     return ids, mask
 
 
-def export_fp32(model: BertForMaskedLM, path: Path, *, output: str = "logits", opset: int = 17) -> Path:
+def export_fp32(model: ServedModel, path: Path, *, output: str = "logits", opset: int = 17) -> Path:
     """TorchScript-based export (dynamo=False): robust for SDPA with a boolean key mask; dynamic batch and length."""
     wrapper = ServingWrapper(model.eval(), output).eval()
+    output_axes = {0: "batch", 1: "length"} if wrapper.per_token else {0: "batch"}
     ids, mask = example_inputs(model.config.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -87,7 +113,7 @@ def export_fp32(model: BertForMaskedLM, path: Path, *, output: str = "logits", o
             wrapper, (ids, mask), str(tmp), dynamo=False, opset_version=opset,
             input_names=["input_ids", "attention_mask"], output_names=[output],
             dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                          output: {0: "batch", 1: "length"}},
+                          output: output_axes},
         )
     os.replace(tmp, path)  # a half-written file never carries the final name
     return path
@@ -108,7 +134,7 @@ def run_session(sess, input_ids: torch.Tensor | np.ndarray, attention_mask: torc
     return sess.run(None, feed)[0]
 
 
-def check_against_torch(model: BertForMaskedLM, onnx_path: Path, *, output: str = "logits",
+def check_against_torch(model: ServedModel, onnx_path: Path, *, output: str = "logits",
                         shapes: tuple[tuple[int, int], ...] = ((1, 8), (3, 24), (4, 40))) -> float:
     """Largest |ONNX - PyTorch| over padded batches of shapes other than the traced one (proves dynamic axes)."""
     wrapper = ServingWrapper(model.eval(), output).eval()
@@ -125,40 +151,114 @@ def check_against_torch(model: BertForMaskedLM, onnx_path: Path, *, output: str 
     return worst
 
 
+ALIAS_MIN_ELEMENTS = 4096  # smaller initializers are not worth a node: the point is the big matrices
+
+
+def _alias_node(kept: str, kept_array: np.ndarray, name: str, array: np.ndarray):
+    """A node computing initializer `name` from initializer `kept`, or None when their values differ."""
+    from onnx import helper
+
+    if array.shape == kept_array.shape and np.array_equal(array, kept_array):
+        return helper.make_node("Identity", [kept], [name], name=f"repeat_of/{kept}")
+    if array.ndim == 2 and array.shape == kept_array.T.shape and np.array_equal(array, kept_array.T):
+        return helper.make_node("Transpose", [kept], [name], perm=[1, 0], name=f"transpose_of/{kept}")
+    return None
+
+
+def store_repeats_once(path: Path) -> int:
+    """Rewrite `path` so an initializer repeating another (equal, or equal once transposed) is computed from it.
+
+    The TorchScript exporter folds the tied decoder's transpose of the word embeddings into a second [H, V]
+    constant; a Transpose node of the embeddings replaces it, so the file stores the matrix once (onnxruntime
+    folds the node again when a session loads, in memory, so serving speed is unchanged). Returns how many
+    initializers were replaced.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    kept: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    aliases, repeated = [], []
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) < ALIAS_MIN_ELEMENTS:
+            continue
+        array = numpy_helper.to_array(init)
+        candidates = kept.setdefault((init.data_type, tuple(sorted(init.dims))), [])
+        node = next((n for name, a in candidates if (n := _alias_node(name, a, init.name, array)) is not None), None)
+        if node is None:
+            candidates.append((init.name, array))
+        else:
+            aliases.append(node)
+            repeated.append(init)
+    if not aliases:
+        return 0
+    for init in repeated:
+        model.graph.initializer.remove(init)
+    for node in reversed(aliases):
+        model.graph.node.insert(0, node)  # first, so the graph stays topologically sorted
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return len(aliases)
+
+
+def _gather_tables(path: Path) -> list[str]:
+    """Initializers that a Gather looks rows up in: the word and position embeddings."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    return sorted({n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in initializers})
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
-    """Dynamic INT8: weights quantized once, activations per batch at run time; no calibration data needed."""
+    """Dynamic INT8: weights quantized once, activations per batch at run time; no calibration data needed.
+
+    Give it the graph as exported, before store_repeats_once: the quantizer only quantizes a MatMul whose weight
+    is an initializer, so a decoder computed as Transpose(embeddings) would stay fp32 beside the embeddings'
+    own INT8 copy. Gather tables are quantized like MatMul weights (INT8, symmetric, one scale) instead of the
+    default asymmetric UINT8, so the tied decoder's INT8 weight is their exact transpose and is stored once.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = int8_path.with_name(f".{int8_path.name}.tmp-{os.getpid()}")
-    quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8)
+    overrides = {name: [{"quant_type": QuantType.QInt8}] for name in _gather_tables(fp32_path)}
+    quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8,
+                     extra_options={"TensorQuantOverrides": overrides})
+    store_repeats_once(tmp)
     os.replace(tmp, int8_path)
     return int8_path
 
 
 def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, output: str = "logits",
                  int8: bool = True, atol: float = 1e-4, opset: int = 17) -> ExportReport:
-    """model_dir -> out_dir/model.onnx (+ model.int8.onnx); raises when ONNX and PyTorch differ by more than atol."""
+    """model_dir (masked-LM or classifier) -> out_dir/model.onnx (+ model.int8.onnx); raises when ONNX and PyTorch
+    differ by more than atol."""
     require_onnx()
-    model = BertForMaskedLM.from_pretrained(model_dir).eval()
+    model = load_served_model(model_dir)
     out = Path(out_dir)
     fp32 = export_fp32(model, out / FP32_NAME, output=output, opset=opset)
+    int8_path = quantize_int8(fp32, out / INT8_NAME) if int8 else None  # before sharing: see quantize_int8
+    unshared_bytes = fp32.stat().st_size
+    store_repeats_once(fp32)
     diff = check_against_torch(model, fp32, output=output)
     if not diff <= atol:
         raise ValueError(f"{fp32}: ONNX output differs from PyTorch by {diff:.3g} (> {atol}); the export is wrong, "
                          "please report it with the model's config.json")
-    int8_path = quantize_int8(fp32, out / INT8_NAME) if int8 else None
     report = ExportReport(str(fp32), str(int8_path) if int8_path else None, output, diff, fp32.stat().st_size,
-                          int8_path.stat().st_size if int8_path else None)
+                          int8_path.stat().st_size if int8_path else None, unshared_bytes)
     (out / "export.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported BertForMaskedLM directory (config.json + weights)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported BertForMaskedLM directory, or the final_model of finetune.py (a classifier)")
     p.add_argument("--out", required=True, help="output directory for model.onnx, model.int8.onnx and export.json")
     p.add_argument("--output", choices=OUTPUTS, default="logits",
-                   help="'logits': masked-LM logits [B,S,V]; 'hidden': last hidden states [B,S,H] (cell/gene embeddings)")
+                   help="'logits': masked-LM logits [B,S,V] (a classifier's: [B,n_labels]); 'hidden': last hidden "
+                        "states [B,S,H] (cell/gene embeddings, masked-LM models only)")
     p.add_argument("--no-int8", action="store_true", help="skip the dynamically quantized INT8 copy")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch|")
     p.add_argument("--opset", type=int, default=17)
@@ -167,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger().handlers[0].addFilter(lambda record: record.name.startswith("serving"))  # quantizer chatter
     report = export_model(args.model_dir, args.out, output=args.output, int8=not args.no_int8, atol=args.atol,
                           opset=args.opset)
-    log.info("wrote %s (%.1f MB), max |ONNX - PyTorch| = %.2e", report.fp32_path, report.fp32_bytes / 1e6,
-             report.max_abs_diff)
+    log.info("wrote %s (%.1f MB; %.1f MB before repeated weights were stored once), max |ONNX - PyTorch| = %.2e",
+             report.fp32_path, report.fp32_bytes / 1e6, report.fp32_bytes_unshared / 1e6, report.max_abs_diff)
     if report.int8_path:
         log.info("wrote %s (%.1f MB)", report.int8_path, report.int8_bytes / 1e6)
 

@@ -1,5 +1,5 @@
-"""Serving a student small: ONNX export with dynamic batch and length equals PyTorch within 1e-4 through
-onnxruntime, and the dynamically quantized INT8 copy is smaller and still predicts like the original.
+"""Serving small: ONNX exports of a student and of a fine-tuned classifier (dynamic batch and length) equal PyTorch
+within 1e-4 through onnxruntime, store the tied embedding once, and their INT8 copies are smaller and close.
 """
 
 from __future__ import annotations
@@ -13,16 +13,35 @@ import torch
 pytest.importorskip("onnx", reason="ONNX serving needs onnx: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="ONNX serving needs onnxruntime: pip install onnx onnxruntime")
 
+import onnx  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
+
+from finetuning.export import export_classifier_dir  # noqa: E402
+from finetuning.model import BertForCellClassification  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
-from serving.export_onnx import example_inputs, export_model, main, run_session, session  # noqa: E402
+from serving.export_onnx import example_inputs, export_model, main, run_session, session, store_repeats_once  # noqa: E402
+
+TINY = dict(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=2048)
+LABELS = {0: "B cell", 1: "T cell", 2: "monocyte"}
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = BertTEConfig(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=2048)
-    return BertForMaskedLM(config).save_pretrained(tmp_path_factory.mktemp("serving") / "tiny")
+    return BertForMaskedLM(BertTEConfig(**TINY)).save_pretrained(tmp_path_factory.mktemp("serving") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A finetune.py-style export: stock BertForSequenceClassification layout with id2label."""
+    torch.manual_seed(0)
+    model = BertForCellClassification(BertTEConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    return export_classifier_dir(model.state_dict(), model.config, tmp_path_factory.mktemp("serving") / "cls", None)
+
+
+def initializer_shapes(path) -> list[tuple[int, ...]]:
+    return [tuple(init.dims) for init in onnx.load(str(path)).graph.initializer]
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +93,63 @@ def test_hidden_state_output_for_embeddings(tiny_dir, tmp_path):
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_model(tmp_path / "nope", tmp_path / "out")
+
+
+def test_tied_embedding_is_stored_once_in_fp32_and_int8(exported):
+    for name in ("model.onnx", "model.int8.onnx"):
+        shapes = initializer_shapes(exported / name)
+        # The decoder is tied to the word embeddings: one [V,H] initializer, no [H,V] copy.
+        assert shapes.count((25426, 32)) + shapes.count((32, 25426)) == 1, name
+    report = json.loads((exported / "export.json").read_text())
+    assert report["fp32_bytes"] < 0.6 * report["fp32_bytes_unshared"]  # the embedding is most of a tiny model
+
+
+def test_repeated_initializers_become_nodes_with_equal_outputs(tmp_path):
+    weight = np.arange(4096 * 2, dtype=np.float32).reshape(4096, 2)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((weight, "w"), (weight.copy(), "w_again"), (weight.T.copy(), "w_t"))]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["w", "w_again"], ["sum"]), helper.make_node("MatMul", ["sum", "w_t"], ["out"])],
+        "repeats", [], [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4096, 4096])], inits)
+    path = tmp_path / "repeats.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    expected = session(path).run(None, {})[0]
+    assert store_repeats_once(path) == 2
+    assert [init.name for init in onnx.load(str(path)).graph.initializer] == ["w"]
+    np.testing.assert_array_equal(session(path).run(None, {})[0], expected)
+
+
+@pytest.fixture(scope="module")
+def classifier_exported(classifier_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serving") / "cls_onnx"
+    main([str(classifier_dir), "--out", str(out)])
+    return out
+
+
+def test_classifier_logits_match_pytorch_for_any_batch_and_length(classifier_dir, classifier_exported):
+    model = BertForCellClassification.from_pretrained(classifier_dir).eval()
+    sess = session(classifier_exported / "model.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    for b, s, pad in ((1, 5, False), (5, 33, True), (2, 64, False)):
+        ids, mask = example_inputs(25426, b, s, seed=b)
+        if not pad:
+            mask = torch.ones_like(mask)
+        with torch.no_grad():
+            expected = model(ids, mask).logits.numpy()
+        got = run_session(sess, ids, mask)
+        assert got.shape == (b, len(LABELS))
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_classifier_int8_is_smaller_and_close(classifier_exported):
+    report = json.loads((classifier_exported / "export.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 and report["int8_bytes"] < report["fp32_bytes"] / 2
+    ids, mask = example_inputs(25426, 4, 24, seed=3)
+    fp32 = run_session(session(classifier_exported / "model.onnx"), ids, mask)
+    int8 = run_session(session(classifier_exported / "model.int8.onnx"), ids, mask)
+    # Random pooler and head weights amplify quantization error; ask that INT8 keeps the logits' pattern.
+    assert int8.shape == fp32.shape and np.corrcoef(int8.ravel(), fp32.ravel())[0, 1] > 0.9
+
+
+def test_classifier_has_no_hidden_output(classifier_dir, tmp_path):
+    with pytest.raises(ValueError, match="logits only"):
+        export_model(classifier_dir, tmp_path / "out", output="hidden", int8=False)
