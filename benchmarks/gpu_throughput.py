@@ -381,8 +381,8 @@ def main() -> None:
     results: list[Result] = []
     runs = {"pretrain": lambda: pretrain_part(cells, args, "10m", modes, baseline=True),
             "distill": lambda: distill_part(cells, args, modes),
-            "106m": lambda: pretrain_part(cells, args, "106m", ["bf16 +packing +compile", "fp8 +packing +compile"],
-                                          baseline=False)}
+            "106m": lambda: pretrain_part(cells, args, "106m", ["bf16 +packing", "bf16 +packing +compile",
+                                                                "fp8 +packing +compile"], baseline=False)}
     for part in parts:
         results += runs[part]()
         print_table(results)
