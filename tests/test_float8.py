@@ -1,9 +1,12 @@
 """Portable FP8 (torchao float8 on nn.Linear): which layers convert, and that training still works on CPU.
 
-Transformer Engine FP8 needs a GPU and is tested in tests/test_model.py where TE is installed.
+Transformer Engine FP8 (training.fp8=te) needs TE and a GPU: its test here is skipped elsewhere.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import pytest
 import torch
@@ -48,3 +51,59 @@ def test_float8_training_step_tracks_the_full_precision_loss():
     fp8_loss.backward()
     assert torch.isfinite(fp8_loss) and abs(fp8_loss.item() - ref_loss.item()) < 0.05
     assert fp8.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_te_fp8_is_refused_on_cpu_with_the_portable_alternative():
+    from training.float8 import check_te_fp8_device
+
+    with pytest.raises(ValueError, match="training.fp8=torchao"):
+        check_te_fp8_device("delayed", torch.device("cpu"))
+
+
+def test_nested_contexts_enter_in_order_and_exit_in_reverse():
+    import contextlib
+
+    from training.float8 import nest_contexts
+
+    events = []
+
+    def recorder(name):
+        @contextlib.contextmanager
+        def context():
+            events.append(f"enter {name}")
+            yield
+            events.append(f"exit {name}")
+        return context
+
+    with nest_contexts(recorder("bf16"), recorder("fp8"))():
+        events.append("forward")
+    assert events == ["enter bf16", "enter fp8", "forward", "exit fp8", "exit bf16"]
+
+
+TE_FP8_MISSING = (importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
+                  or torch.cuda.get_device_capability() < (8, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TE_FP8_MISSING, reason="TE FP8 needs transformer_engine and an Ada/Hopper or newer GPU")
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_te_fp8_step_tracks_the_bf16_loss(recipe):
+    from training.float8 import nest_contexts, te_fp8_autocast
+
+    config = BertTEConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, use_te_layers=True)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).cuda()
+    ids = torch.randint(3, 128, (2, 32), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0  # 48 real tokens: the unpadded GEMMs keep FP8's multiple-of-16 rows
+    labels = torch.where(torch.rand(2, 32, device="cuda") < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    bf16 = functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    with bf16():
+        reference = model(ids, mask, labels).loss.item()
+    with nest_contexts(bf16, te_fp8_autocast(recipe, torch.device("cuda")))():
+        loss = model(ids, mask, labels).loss
+    loss.backward()
+    assert abs(loss.item() - reference) < 0.05 * reference
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
