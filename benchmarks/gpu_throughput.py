@@ -7,7 +7,9 @@ Run: python benchmarks/gpu_throughput.py [--steps 30] [--warmup 8] [--parts pret
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
+import importlib.util
 import json
 import platform
 import sys
@@ -34,7 +36,7 @@ from dataset.vocab import Vocabulary  # noqa: E402
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 from training.config import DistillConfig, TrainingConfig  # noqa: E402
-from training.float8 import apply_float8  # noqa: E402
+from training.float8 import apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.parallelize import compile_layers  # noqa: E402
 from training.run import masked_lm_loss  # noqa: E402
@@ -177,33 +179,56 @@ def baseline_pretrain_step(model: torch.nn.Module, optimizer: torch.optim.Optimi
     return step
 
 
-def recipe_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> Callable[[dict], None]:
+def recipe_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
+                autocast: Callable | None = None) -> Callable[[dict], None]:
     """The recipe's step exactly as the loop runs it: training/step.py train_step, then the optimizer."""
 
     def step(batch: dict) -> None:
         train_step(model, loss_fn, optimizer, [batch], device=GPU, world_size=1, grad_clip=1.0,
-                   autocast=BF16_AUTOCAST)
+                   autocast=autocast or BF16_AUTOCAST)
         optimizer.step()
 
     return step
 
 
-def ours_model(config: BertTEConfig, *, compile: bool, fp8: bool) -> BertForMaskedLM:
+def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False) -> BertForMaskedLM:
+    """Our model in a mode's form: TE layers, torchao FP8 training (not for a frozen teacher; TE's FP8 comes from
+    the autocast) and compile as asked."""
     torch.manual_seed(0)
+    if opts["te"]:
+        config = copy.deepcopy(config)
+        config.use_te_layers = True
     model = BertForMaskedLM(config)
-    if fp8:
+    if not frozen and opts["fp8"] == "torchao":
         apply_float8(model)
     model.to(GPU)
-    if compile:
+    if opts["compile"]:
         compile_layers(model.bert.encoder.layer)
     return model
 
 
+def mode_autocast(opts: dict, recipe: str) -> Callable:
+    """bf16 autocast, with Transformer Engine's FP8 autocast inside it for the TE FP8 modes."""
+    return nest_contexts(BF16_AUTOCAST, te_fp8_autocast(recipe, GPU)) if opts["fp8"] == "te" else BF16_AUTOCAST
+
+
 # ---------------------------------------------------------------------------------------------------------- parts
-OUR_MODES = {"bf16": dict(packed=False, compile=False, fp8=False),
-             "bf16 +packing": dict(packed=True, compile=False, fp8=False),
-             "bf16 +packing +compile": dict(packed=True, compile=True, fp8=False),
-             "fp8 +packing +compile": dict(packed=True, compile=True, fp8=True)}
+def _mode(packed: bool, compile: bool = False, fp8: str | None = None, te: bool = False) -> dict:
+    return dict(packed=packed, compile=compile, fp8=fp8, te=te)
+
+
+OUR_MODES = {"bf16": _mode(packed=False),
+             "bf16 +packing": _mode(packed=True),
+             "bf16 +packing +compile": _mode(packed=True, compile=True),
+             "fp8 +packing +compile": _mode(packed=True, compile=True, fp8="torchao"),
+             "te bf16 +packing": _mode(packed=True, te=True),
+             "te fp8 +packing": _mode(packed=True, fp8="te", te=True)}
+TE_AVAILABLE = importlib.util.find_spec("transformer_engine") is not None
+
+
+def default_modes(names: list[str]) -> list[str]:
+    """The TE modes only where Transformer Engine is installed (the container has it)."""
+    return [m for m in names if TE_AVAILABLE or not OUR_MODES[m]["te"]]
 
 
 def attempt(part: str, mode: str, measure: Callable[[], Result]) -> Result:
@@ -232,10 +257,11 @@ def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConf
 def ours_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str, mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    model = ours_model(config, compile=opts["compile"], fp8=opts["fp8"])
+    model = ours_model(config, opts)
     opt = build_optimizer(model, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
-    sec, tps, peak = time_steps(recipe_step(model, masked_lm_loss, opt), batches, args.steps, args.warmup)
+    step = recipe_step(model, masked_lm_loss, opt, mode_autocast(opts, args.te_recipe))
+    sec, tps, peak = time_steps(step, batches, args.steps, args.warmup)
     return Result(part, f"ours {mode}", tps, sec * 1e3, peak, mfu(config_flops(config, mean_cell_length(batches)), tps),
                   note=compile_note(opts, graphs_before))
 
@@ -268,15 +294,15 @@ def naive_distill_step(student, teacher, optimizer) -> Callable[[dict], None]:
     return step
 
 
-def teacher_forward_time(loss_fn: DistillationLoss, batches: list[dict], steps: int) -> float:
-    """Seconds per teacher forward (as the distillation loss runs it) on the same batches."""
+def teacher_forward_time(loss_fn: DistillationLoss, batches: list[dict], steps: int, autocast: Callable) -> float:
+    """Seconds per teacher forward (as the distillation loss runs it, in the step's autocast) on the same batches."""
     for batch in batches[:3]:
-        with BF16_AUTOCAST():
+        with autocast():
             loss_fn.teacher_outputs(move_batch(batch, GPU))
     synchronize()
     start = time.perf_counter()
     for i in range(steps):
-        with BF16_AUTOCAST():
+        with autocast():
             loss_fn.teacher_outputs(move_batch(batches[i % len(batches)], GPU))
     synchronize()
     return (time.perf_counter() - start) / steps
@@ -306,15 +332,16 @@ def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig,
                  mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    teacher = ours_model(t_config, compile=opts["compile"], fp8=False).to(torch.bfloat16).eval().requires_grad_(False)
-    student = ours_model(s_config, compile=opts["compile"], fp8=opts["fp8"])
+    teacher = ours_model(t_config, opts, frozen=True).to(torch.bfloat16).eval().requires_grad_(False)
+    student = ours_model(s_config, opts)
     trainable = StudentWithProjections(student, t_config.hidden_size, 0)
     loss_fn = DistillationLoss(teacher, DistillConfig(), default_layer_map(s_config.num_hidden_layers,
                                t_config.num_hidden_layers), s_config.num_attention_heads)
     opt = build_optimizer(trainable, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
-    sec, tps, peak = time_steps(recipe_step(trainable, loss_fn, opt), batches, args.steps, args.warmup)
-    share = teacher_forward_time(loss_fn, batches, args.steps) / sec
+    autocast = mode_autocast(opts, args.te_recipe)
+    sec, tps, peak = time_steps(recipe_step(trainable, loss_fn, opt, autocast), batches, args.steps, args.warmup)
+    share = teacher_forward_time(loss_fn, batches, args.steps, autocast) / sec
     return Result(DISTILL, f"ours {mode}", tps, sec * 1e3, peak, mfu(distill_flops(t_config, s_config, batches), tps),
                   share, note=compile_note(opts, graphs_before))
 
@@ -353,7 +380,10 @@ def environment() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="pretrain,distill,106m", help="comma list of pretrain, distill, 106m")
-    parser.add_argument("--modes", default=",".join(OUR_MODES), help=f"comma list of {', '.join(OUR_MODES)}")
+    parser.add_argument("--modes", default=",".join(default_modes(list(OUR_MODES))),
+                        help=f"comma list of {', '.join(OUR_MODES)} (te modes need transformer_engine)")
+    parser.add_argument("--te-recipe", default="delayed", choices=["delayed", "current", "mxfp8"],
+                        help="training.fp8_recipe of the te fp8 modes")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation happens here)")
     parser.add_argument("--batches", type=int, default=40, help="distinct corpus batches cycled through")
@@ -381,8 +411,9 @@ def main() -> None:
     results: list[Result] = []
     runs = {"pretrain": lambda: pretrain_part(cells, args, "10m", modes, baseline=True),
             "distill": lambda: distill_part(cells, args, modes),
-            "106m": lambda: pretrain_part(cells, args, "106m", ["bf16 +packing", "bf16 +packing +compile",
-                                                                "fp8 +packing +compile"], baseline=False)}
+            "106m": lambda: pretrain_part(cells, args, "106m", default_modes(
+                ["bf16 +packing", "bf16 +packing +compile", "fp8 +packing +compile", "te bf16 +packing",
+                 "te fp8 +packing"]), baseline=False)}
     for part in parts:
         results += runs[part]()
         print_table(results)
