@@ -81,21 +81,27 @@ def masked_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return log_probs.gather(1, true[:, None]).squeeze(1).numpy(), rows.argmax(-1).numpy()
 
 
-def run_engine(name: str, forward, data: list[dict]) -> dict:
+def cells_per_s(forward, data: list[dict]) -> float:
+    """Back-to-back forward calls only, as a server makes them. Scoring between calls (torch ops) would leave
+    PyTorch's and onnxruntime's thread pools contending for the cores: on 2 cores that halved onnxruntime's rate."""
     forward(data[0])  # warm-up: allocators and onnxruntime's first-run graph work
     start = time.perf_counter()
+    for batch in data:
+        forward(batch)
+    return sum(len(b["input_ids"]) for b in data) / (time.perf_counter() - start)
+
+
+def masked_lm_quality(name: str, forward, data: list[dict]) -> dict:
+    """Held-out masked-LM accuracy, perplexity and predictions at the fixed masks (not timed)."""
     true_lp, preds, labels = [], [], []
     for batch in data:
-        logits = forward(batch)
-        lp, pred = masked_stats(logits, batch["labels"].numpy())
+        lp, pred = masked_stats(forward(batch), batch["labels"].numpy())
         true_lp.append(lp)
         preds.append(pred)
         labels.append(batch["labels"].numpy()[batch["labels"].numpy() != -100])
-    seconds = time.perf_counter() - start
-    n_cells = sum(len(b["input_ids"]) for b in data)
     true_lp, preds, labels = np.concatenate(true_lp), np.concatenate(preds), np.concatenate(labels)
-    return {"name": name, "cells_s": n_cells / seconds, "acc": float((preds == labels).mean()),
-            "ppl": float(np.exp(-true_lp.mean())), "preds": preds}
+    return {"name": name, "acc": float((preds == labels).mean()), "ppl": float(np.exp(-true_lp.mean())),
+            "preds": preds}
 
 
 def finetune_run(classifier_dir: Path, overrides: list[str]) -> RunConfig:
@@ -136,20 +142,22 @@ class OnnxClassifier(torch.nn.Module):
 
 
 def score_classifier(model: torch.nn.Module, batches: list[dict], n_labels: int) -> dict:
-    """Held-out loss, accuracy and macro-F1 (finetune's classification_metrics) and cells/s."""
-    with torch.no_grad():  # warm-up: allocators and onnxruntime's first-run graph work
-        model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
-    start = time.perf_counter()
-    scores = classification_metrics(model, batches, n_labels, torch.device("cpu"))
-    return scores | {"cells_s": scores["cells"] / (time.perf_counter() - start)}
+    """Held-out loss, accuracy and macro-F1 (finetune's classification_metrics; not timed)."""
+    return classification_metrics(model, batches, n_labels, torch.device("cpu"))
 
 
-def interleaved(measures: list, repeats: int) -> list[dict]:
-    """Each measure's first result with cells/s replaced by the median over `repeats` rounds, the measures taking
-    turns within a round, so a change of machine load hits them all alike."""
-    rounds = [[measure() for measure in measures] for _ in range(repeats)]
-    return [first | {"cells_s": float(np.median([r[i]["cells_s"] for r in rounds]))}
-            for i, first in enumerate(rounds[0])]
+def classifier_forward(model: torch.nn.Module):
+    def forward(batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return forward
+
+
+def interleaved_cells_s(forwards: list, data: list[dict], repeats: int) -> list[float]:
+    """Each engine's median cells/s over `repeats` rounds, the engines taking turns within a round, so a change
+    of machine load hits them all alike."""
+    rounds = [[cells_per_s(forward, data) for forward in forwards] for _ in range(repeats)]
+    return [float(np.median([r[i] for r in rounds])) for i in range(len(forwards))]
 
 
 def engine_files(model_dir: Path, report: ExportReport) -> list[tuple[str, Path]]:
@@ -181,11 +189,10 @@ def masked_lm_section(args: argparse.Namespace, work: Path) -> None:
 
     forwards = [torch_forward, lambda b: run_session(fp32_sess, b["input_ids"], b["attention_mask"]),
                 lambda b: run_session(int8_sess, b["input_ids"], b["attention_mask"])]
-    measures = [lambda name=name, fn=fn: run_engine(name, fn, data)
-                for (name, _), fn in zip(engine_files(model_dir, report), forwards, strict=True)]
     files = engine_files(model_dir, report)
-    results = [r | {"mb": path.stat().st_size / 1e6}
-               for r, (_, path) in zip(interleaved(measures, args.repeats), files, strict=True)]
+    results = [masked_lm_quality(name, fn, data) | {"mb": path.stat().st_size / 1e6, "cells_s": cells_s}
+               for (name, path), fn, cells_s in zip(files, forwards, interleaved_cells_s(forwards, data, args.repeats),
+                                                    strict=True)]
 
     n_cells = sum(len(b["input_ids"]) for b in data)
     n_masked = sum(int((b["labels"] != -100).sum()) for b in data)
@@ -207,10 +214,9 @@ def classifier_section(args: argparse.Namespace, work: Path) -> None:
     models = [BertForCellClassification.from_pretrained(classifier_dir).eval(),
               OnnxClassifier(session(Path(report.fp32_path), args.threads)),
               OnnxClassifier(session(Path(report.int8_path), args.threads))]
-    measures = [lambda model=model: score_classifier(model, data, n_labels) for model in models]
-    results = [r | {"name": name, "mb": path.stat().st_size / 1e6}
-               for r, (name, path) in zip(interleaved(measures, args.repeats), engine_files(classifier_dir, report),
-                                          strict=True)]
+    speeds = interleaved_cells_s([classifier_forward(model) for model in models], data, args.repeats)
+    results = [score_classifier(model, data, n_labels) | {"name": name, "mb": path.stat().st_size / 1e6, "cells_s": cells_s}
+               for model, (name, path), cells_s in zip(models, engine_files(classifier_dir, report), speeds, strict=True)]
 
     print(f"\nclassifier {classifier_dir}: {int(results[0]['cells'])} held-out cells of finetune's stratified split, "
           f"{n_labels} classes; logits [B,{n_labels}] out")
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="serving_bench_"))
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"{args.threads} threads, median cells/s of {args.repeats} interleaved rounds, load average "
+    print(f"{args.threads} threads, median cells/s of {args.repeats} interleaved rounds of forward calls, load average "
           f"{load[0]:.1f} on {os.cpu_count()} cores", flush=True)
     masked_lm_section(args, work)
     if not args.no_classifier:

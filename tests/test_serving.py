@@ -1,5 +1,6 @@
-"""Serving small: ONNX exports of a student and of a fine-tuned classifier (dynamic batch and length) equal PyTorch
-within 1e-4 through onnxruntime, store the tied embedding once, and their INT8 copies are smaller and close.
+"""Serving small: ONNX exports of a student and of a fine-tuned classifier (dynamic batch and length), fused for
+onnxruntime or plain, equal PyTorch within 1e-4 through onnxruntime, store the tied embedding once, and their INT8
+copies are smaller and close.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from onnx import helper, numpy_helper  # noqa: E402
 from finetuning.export import export_classifier_dir  # noqa: E402
 from finetuning.model import BertForCellClassification  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
-from serving.export_onnx import example_inputs, export_model, main, run_session, session, store_repeats_once  # noqa: E402
+from serving.export_onnx import (  # noqa: E402
+    example_inputs,
+    export_model,
+    fusable_attention,
+    main,
+    run_session,
+    session,
+    store_repeats_once,
+)
 
 TINY = dict(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=2048)
@@ -44,6 +53,25 @@ def initializer_shapes(path) -> list[tuple[int, ...]]:
     return [tuple(init.dims) for init in onnx.load(str(path)).graph.initializer]
 
 
+def op_types(path) -> set[str]:
+    return {f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in onnx.load(str(path)).graph.node}
+
+
+# (batch, length, padding): none (PyTorch's unmasked fast path), right-padded, or holes and left padding, which a
+# mask reduced to lengths would get wrong; lengths above and below the traced 16.
+SHAPES = ((1, 5, "none"), (5, 33, "right"), (2, 64, "none"), (3, 130, "holes"), (8, 512, "right"))
+
+
+def padded_batch(b: int, s: int, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = example_inputs(25426, b, s, seed=b)
+    if padding == "none":
+        mask = torch.ones_like(mask)
+    elif padding == "holes":
+        mask[0, :3] = 0  # left-padded
+        mask[1, 1::4] = 0  # scattered holes
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("serving") / "onnx"
@@ -61,10 +89,8 @@ def test_cli_writes_fp32_int8_and_report(exported):
 def test_any_batch_and_length_matches_pytorch_padded_or_not(tiny_dir, exported):
     model = BertForMaskedLM.from_pretrained(tiny_dir).eval()
     sess = session(exported / "model.onnx")
-    for b, s, pad in ((1, 5, False), (5, 33, True), (2, 64, False)):
-        ids, mask = example_inputs(25426, b, s, seed=b)
-        if not pad:
-            mask = torch.ones_like(mask)  # no padding: the model's unmasked fast path must agree with the graph
+    for b, s, padding in SHAPES[:4]:  # full logits at 8 x 512 are 400 MB: the classifier test covers that shape
+        ids, mask = padded_batch(b, s, padding)
         with torch.no_grad():
             expected = model(ids, mask).logits.numpy()
         got = run_session(sess, ids, mask)
@@ -72,6 +98,43 @@ def test_any_batch_and_length_matches_pytorch_padded_or_not(tiny_dir, exported):
         # padded positions carry no meaning; compare real tokens only
         keep = mask.numpy().astype(bool)
         np.testing.assert_allclose(got[keep], expected[keep], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["exported", "classifier_exported"])
+def test_attention_is_fused_for_onnxruntime(name, request):
+    out = request.getfixturevalue(name)
+    report = json.loads((out / "export.json").read_text())
+    assert report["fused"]["Attention"] == TINY["num_hidden_layers"]
+    assert report["fused"]["SkipLayerNormalization"] == 2 * TINY["num_hidden_layers"]
+    assert "ai.onnx:Softmax" not in op_types(out / "model.onnx")  # no attention left unfused
+    assert "com.microsoft:QAttention" in op_types(out / "model.int8.onnx")  # quantized after fusion
+
+
+def test_unoptimized_export_is_plain_onnx_and_matches(tiny_dir, tmp_path):
+    model = BertForMaskedLM.from_pretrained(tiny_dir).eval()
+    report = export_model(tiny_dir, tmp_path / "plain", int8=False, optimize=False)
+    assert report.fused == {} and report.max_abs_diff <= 1e-4
+    assert all(op.startswith("ai.onnx:") for op in op_types(tmp_path / "plain" / "model.onnx"))
+    ids, mask = padded_batch(3, 130, "holes")
+    with torch.no_grad():
+        expected = model(ids, mask).logits.numpy()
+    keep = mask.numpy().astype(bool)
+    got = run_session(session(tmp_path / "plain" / "model.onnx"), ids, mask)
+    np.testing.assert_allclose(got[keep], expected[keep], atol=1e-4, rtol=0)
+
+
+def test_fusable_attention_is_undone_after_the_export(tmp_path):
+    """The symbolic registry is global: torch's own SDPA export (IsNaN guard) must be back afterwards."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    args = (torch.randn(1, 2, 4, 8), torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with fusable_attention(17):
+        torch.onnx.export(Attend(), args, str(tmp_path / "inside.onnx"), dynamo=False, opset_version=17)
+    torch.onnx.export(Attend(), args, str(tmp_path / "after.onnx"), dynamo=False, opset_version=17)
+    assert "ai.onnx:IsNaN" not in op_types(tmp_path / "inside.onnx")
+    assert "ai.onnx:IsNaN" in op_types(tmp_path / "after.onnx")
 
 
 def test_int8_predicts_like_fp32(tiny_dir, exported):
@@ -129,10 +192,8 @@ def test_classifier_logits_match_pytorch_for_any_batch_and_length(classifier_dir
     model = BertForCellClassification.from_pretrained(classifier_dir).eval()
     sess = session(classifier_exported / "model.onnx")
     assert [o.name for o in sess.get_outputs()] == ["logits"]
-    for b, s, pad in ((1, 5, False), (5, 33, True), (2, 64, False)):
-        ids, mask = example_inputs(25426, b, s, seed=b)
-        if not pad:
-            mask = torch.ones_like(mask)
+    for b, s, padding in SHAPES:
+        ids, mask = padded_batch(b, s, padding)
         with torch.no_grad():
             expected = model(ids, mask).logits.numpy()
         got = run_session(sess, ids, mask)
