@@ -174,8 +174,11 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertTEConfig) -> None:
         super().__init__()
         if config.use_te_layers:
-            from te_layers import build_te_layer  # Transformer Engine only when asked for: CPUs lack it
-
+            try:
+                from te_layers import build_te_layer  # Transformer Engine only when asked for: CPUs lack it
+            except ImportError as error:
+                raise ImportError(f"model.use_te_layers=true needs Transformer Engine on a CUDA machine ({error}); "
+                                  "use the container (it ships TE) or set model.use_te_layers=false") from error
             self.layer = nn.ModuleList(build_te_layer(config, i) for i in range(config.num_hidden_layers))
         else:
             self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))

@@ -322,6 +322,12 @@ def test_te_name_mapping_round_trips_and_fuses_qkv_without_te():
 TE_MISSING = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed")
+def test_te_layers_without_transformer_engine_name_the_setting_and_the_fix():
+    with pytest.raises(ImportError, match="model.use_te_layers=false"):
+        BertForMaskedLM(BertTEConfig(**TINY, use_te_layers=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(TE_MISSING, reason="Transformer Engine layers need transformer_engine and a CUDA GPU")
 @pytest.mark.parametrize("packed", [False, True])

@@ -19,8 +19,9 @@ from training.distributed import DistributedContext, init_distributed, shutdown_
 from training.step import NonFiniteLossError
 
 # Errors whose message already says what happened and what to do: reported as one line, exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, NoUsableCheckpointError,
-               CheckpointSaveError)
+# ImportError: an optional package a setting needs (torchao, Transformer Engine); the message names the setting.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError,
+               NoUsableCheckpointError, CheckpointSaveError)
 
 
 def setup_logging() -> None:

@@ -87,7 +87,11 @@ def check_te_fp8_device(name: str, device: torch.device) -> None:
 def te_fp8_autocast(name: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """Factory of TE's FP8 autocast context for one forward; amax is reduced over all ranks when distributed."""
     check_te_fp8_device(name, device)
-    import transformer_engine.pytorch as te
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as error:
+        raise ImportError(f"training.fp8=te needs Transformer Engine ({error}); use the container, or "
+                          "training.fp8=torchao on plain layers") from error
 
     fp8_recipe = te_fp8_recipe(name)
     group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
