@@ -255,7 +255,7 @@ class BertOnlyMLMHead(nn.Module):
 def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
                    device: torch.device) -> tuple[AttentionLayout, torch.Tensor]:
     """Pad/unpad indices and per-cell positions for packed (THD) input."""
-    # Checked on a host copy: one read instead of a device sync per check (none when the batch left it on the host).
+    # Checked on a host copy: one device read instead of a sync per check.
     host = cu_seqlens.detach().to("cpu", torch.long)
     if host.dim() != 1 or host.numel() < 2 or int(host[0]) != 0 or int(host[-1]) != total:
         raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at the packed length {total}; got {host.tolist()}")

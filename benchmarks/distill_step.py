@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
@@ -29,6 +28,7 @@ from dataset.sampler import TokenBudgetSampler  # noqa: E402
 from dataset.vocab import Vocabulary  # noqa: E402
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
+from training.builders import model_config_by_name  # noqa: E402
 from training.config import DistillConfig, TrainingConfig  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.step import train_step  # noqa: E402
@@ -37,8 +37,7 @@ CPU = torch.device("cpu")
 
 
 def model_config(name: str, max_length: int) -> BertTEConfig:
-    fields = yaml.safe_load((ROOT / "hydra_config" / "model" / f"{name}.yaml").read_text())
-    return BertTEConfig(**{**fields, "max_position_embeddings": max_length})
+    return BertTEConfig(**{**model_config_by_name(name), "max_position_embeddings": max_length})
 
 
 def corpus_batches(n: int, max_tokens: int, max_length: int, builtin_dir: str) -> list[dict]:

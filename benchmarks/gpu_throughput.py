@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
@@ -31,10 +30,12 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 from dataset.builtin_corpus import ensure_builtin_corpus  # noqa: E402
 from dataset.collator import MLMCollator  # noqa: E402
 from dataset.corpus import CellCorpus  # noqa: E402
+from dataset.loader import CellBatchLoader  # noqa: E402
 from dataset.sampler import TokenBudgetSampler  # noqa: E402
 from dataset.vocab import Vocabulary  # noqa: E402
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
+from training.builders import model_config_by_name  # noqa: E402
 from training.config import DistillConfig, TrainingConfig  # noqa: E402
 from training.float8 import apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -60,8 +61,7 @@ class Result:
 
 
 def model_config(name: str, max_length: int) -> BertTEConfig:
-    fields = yaml.safe_load((ROOT / "hydra_config" / "model" / f"{name}.yaml").read_text())
-    return BertTEConfig(**{**fields, "max_position_embeddings": max_length})
+    return BertTEConfig(**{**model_config_by_name(name), "max_position_embeddings": max_length})
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -91,9 +91,8 @@ def budget_batches(cells: Cells, n: int, max_tokens: int, packed: bool, seed: in
     """The recipe's batches: length-sorted token-budget micro-batches (padded, or packed with cu_seqlens)."""
     sampler = TokenBudgetSampler(cells.corpus.lengths, cells.indices, max_tokens=max_tokens, max_cells=None,
                                  rank=0, world_size=1, seed=seed)
-    collator = MLMCollator(cells.vocab, packed=packed, seed=seed)
-    plan = sampler.global_batches(epoch=0)[:n]
-    return [pin(collator(cells.corpus.get_many(b), epoch=0, batch_index=i, rank=0)) for i, b in enumerate(plan)]
+    loader = CellBatchLoader(cells.corpus, sampler, MLMCollator(cells.vocab, packed=packed, seed=seed), rank=0)
+    return [pin(next(loader)) for _ in range(n)]
 
 
 def pin(batch: dict) -> dict:
@@ -157,10 +156,8 @@ def config_flops(config: BertTEConfig, seq_len: float) -> float:
 
 # ---------------------------------------------------------------------------------------------------------- steps
 def stock_bert(config: BertTEConfig) -> transformers.BertForMaskedLM:
-    stock = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()
-                                       if k not in ("use_te_layers", "fp8", "architectures")})
-    stock._attn_implementation = "sdpa"
-    return transformers.BertForMaskedLM(stock).to(GPU)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("use_te_layers", "fp8", "architectures")}
+    return transformers.BertForMaskedLM(transformers.BertConfig(**fields, attn_implementation="sdpa")).to(GPU)
 
 
 def baseline_pretrain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[dict], None]:
@@ -240,7 +237,8 @@ def attempt(part: str, mode: str, measure: Callable[[], Result]) -> Result:
         return Result(part, mode, float("nan"), float("nan"), float("nan"), None,
                       note=f"FAILED {type(error).__name__}: {str(error).splitlines()[0][:80]}")
     finally:
-        torch.cuda.empty_cache() if GPU.type == "cuda" else None
+        if GPU.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str,
@@ -270,7 +268,7 @@ def pretrain_part(cells: Cells, args: argparse.Namespace, name: str, modes: list
     config, part = model_config(name, args.max_length), f"{name} pretrain"
     sizes = [int(n) for n in args.baseline_batch_size.split(",")] if baseline else []
     results = [attempt(part, "baseline", lambda n=n: baseline_pretrain(cells, args, config, part, n)) for n in sizes]
-    return results + [attempt(part, mode, lambda m=mode: ours_pretrain(cells, args, config, part, m)) for mode in modes]
+    return results + [attempt(part, f"ours {mode}", lambda m=mode: ours_pretrain(cells, args, config, part, m)) for mode in modes]
 
 
 def naive_distill_step(student, teacher, optimizer) -> Callable[[dict], None]:
@@ -349,7 +347,7 @@ def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig,
 def distill_part(cells: Cells, args: argparse.Namespace, modes: list[str]) -> list[Result]:
     t_config, s_config = model_config("10m", args.max_length), model_config("4m", args.max_length)
     results = [attempt(DISTILL, "baseline", lambda: baseline_distill(cells, args, t_config, s_config))]
-    return results + [attempt(DISTILL, mode, lambda m=mode: ours_distill(cells, args, t_config, s_config, m))
+    return results + [attempt(DISTILL, f"ours {mode}", lambda m=mode: ours_distill(cells, args, t_config, s_config, m))
                       for mode in modes]
 
 

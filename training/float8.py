@@ -27,7 +27,7 @@ def float8_eligible(module: nn.Module, fqn: str) -> bool:
 def apply_float8(model: nn.Module) -> list[str]:
     """Swap eligible nn.Linear modules for torchao Float8Linear in place (parameter names do not change)."""
     try:
-        from torchao.float8 import convert_to_float8_training
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
         raise ImportError("training.fp8=torchao needs torchao: pip install torchao") from error
     converted: list[str] = []
@@ -40,14 +40,9 @@ def apply_float8(model: nn.Module) -> list[str]:
             converted.append(fqn)
         return eligible
 
-    try:
-        from torchao.float8 import Float8LinearConfig
-    except ImportError:  # older torchao: no config object, no token padding
-        convert_to_float8_training(model, module_filter_fn=keep)
-    else:
-        # Unpadded (packed) batches hold any number of tokens; the weight-gradient GEMM contracts over tokens, so
-        # FP8 needs that count padded to 16 inside the GEMM.
-        convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig(pad_inner_dim=True))
+    # Unpadded (packed) batches hold any number of tokens; the weight-gradient GEMM contracts over tokens, so
+    # FP8 needs that count padded to 16 inside the GEMM.
+    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig(pad_inner_dim=True))
     log.info("float8: %d linear layers converted", len(converted))
     if left:
         log.info("float8: %d encoder linears left in higher precision (dimensions not multiples of %d): %s",

@@ -23,13 +23,8 @@ class NonFiniteLossError(RuntimeError):
     """Loss or gradient norm became NaN/inf and the policy is to stop."""
 
 
-# Packed-batch metadata the model reads on the host first (moving it would cost a device sync per read).
-HOST_KEYS = ("cu_seqlens",)
-
-
 def move_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
-            for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def count_masked(micro_batches: list[dict]) -> int:
