@@ -252,9 +252,11 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(config)
 
 
-def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
-                   device: torch.device) -> tuple[AttentionLayout, torch.Tensor]:
-    """Pad/unpad indices and per-cell positions for packed (THD) input."""
+def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int, device: torch.device,
+                   token_multiple: int = 1) -> tuple[AttentionLayout, torch.Tensor]:
+    """Pad/unpad indices and per-cell positions for packed (THD) input. With `token_multiple` > 1, filler cells
+    (each no longer than the longest real cell) round the token count up to that multiple: the layout and
+    positions then cover `total` plus the filler tokens, which the caller appends to its ids."""
     # Checked on a host copy: one device read instead of a sync per check.
     host = cu_seqlens.detach().to("cpu", torch.long)
     if host.dim() != 1 or host.numel() < 2 or int(host[0]) != 0 or int(host[-1]) != total:
@@ -263,10 +265,18 @@ def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int,
     if bool((host_lengths <= 0).any()):
         raise ValueError(f"cu_seqlens must be strictly increasing (no empty cells); got {host.tolist()}")
     longest = int(host_lengths.max())
-    cu = host.to(device, non_blocking=True) if cu_seqlens.device.type == "cpu" else cu_seqlens.to(torch.long)
-    lengths = cu[1:] - cu[:-1]
     if max_seqlen is not None and int(max_seqlen) < longest:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed cell ({longest})")
+    filler = -total % token_multiple
+    if filler:
+        # Cells of at most `longest` tokens keep max_seqlen, and so the attention kernels' shapes, unchanged.
+        sizes = torch.full((filler // longest,), longest, dtype=torch.long)
+        sizes = torch.cat([sizes, torch.tensor([filler % longest])]) if filler % longest else sizes
+        host = torch.cat([host, total + sizes.cumsum(0)])
+        total += filler
+    cu = host.to(device, non_blocking=True) if cu_seqlens.device.type == "cpu" or filler \
+        else cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]
     n = lengths.numel()
     cell_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=total)
     positions = torch.arange(total, device=device) - cu[:-1][cell_of_token]
@@ -305,6 +315,9 @@ class BertForMaskedLM(nn.Module):
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        # Packed (and internally unpadded) batches are rounded up to this many tokens with filler cells: FP8 GEMMs
+        # need token counts divisible by 16 (see training.float8.align_packed_tokens). 1 = no filler.
+        self.token_multiple = 1
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -362,13 +375,20 @@ class BertForMaskedLM(nn.Module):
         if packed:
             if b != 1:
                 raise ValueError(f"packed input (cu_seqlens given) must have input_ids of shape [1, T]; got {tuple(input_ids.shape)}")
-            layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, device)
+            layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, device, self.token_multiple)
             longest = layout.max_seqlen
         else:
             layout, position_ids = padded_layout(input_ids, attention_mask)
             longest = s
+        filler = position_ids.shape[1] - s
+        if filler:
+            input_ids = F.pad(input_ids, (0, filler), value=self.config.pad_token_id or 0)
         h, hidden_states, qkv = self.bert.encode(input_ids, layout, position_ids, longest,
                                                  output_hidden_states=output_hidden_states, qkv_index=qkv_index)
+        if filler:  # the filler cells leave the model nowhere: not in logits, hidden states or q/k/v
+            h = h[:, :s]
+            hidden_states = tuple(t[:, :s] for t in hidden_states) if hidden_states is not None else None
+            qkv = tuple(t[:, :, :s] for t in qkv) if qkv is not None else None
 
         out = MaskedLMOutput(hidden_states=hidden_states, qkv=qkv)
         head = self.cls.predictions

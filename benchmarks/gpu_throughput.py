@@ -37,7 +37,7 @@ from distillation.task import DistillationLoss, StudentWithProjections, default_
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 from training.builders import model_config_by_name  # noqa: E402
 from training.config import DistillConfig, TrainingConfig  # noqa: E402
-from training.float8 import apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
+from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.parallelize import compile_layers  # noqa: E402
 from training.run import masked_lm_loss  # noqa: E402
@@ -198,6 +198,8 @@ def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False) -> Ber
     model = BertForMaskedLM(config)
     if not frozen and opts["fp8"] == "torchao":
         apply_float8(model)
+    elif opts["fp8"] == "te":
+        align_packed_tokens(model)  # TE layers run FP8 under the autocast, frozen or not
     model.to(GPU)
     if opts["compile"]:
         compile_layers(model.bert.encoder.layer)

@@ -65,10 +65,12 @@ def test_heads_must_divide_hidden():
 @pytest.mark.parametrize(("override", "names"), [
     ("training.fp8=te", ["training.fp8", "model.use_te_layers=true"]),
     ("training.fp8_recipe=fp4", ["training.fp8_recipe", "delayed, current, mxfp8"]),
+    ("training.fp8=te model.use_te_layers=true model.intermediate_size=520",
+     ["training.fp8", "divisible by 16", "'intermediate_size': 520", "training.fp8=torchao"]),
 ])
 def test_fp8_options_are_checked(override, names):
     with pytest.raises(ConfigError) as error:
-        parse_config(_compose(REPO / "hydra_config", "10m", [override, "data.pad_to_multiple_of=16"]))
+        parse_config(_compose(REPO / "hydra_config", "10m", [*override.split(), "data.pad_to_multiple_of=16"]))
     for name in names:
         assert name in str(error.value)
 

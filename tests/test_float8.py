@@ -53,6 +53,20 @@ def test_float8_training_step_tracks_the_full_precision_loss():
     assert fp8.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
+def test_float8_aligns_packed_tokens_for_the_weight_gradient_gemm():
+    """Packed cells of 7 + 10 tokens reach the FP8 linears as 32 rows: FP8 GEMMs contract over tokens in 16s."""
+    model = _model()
+    apply_float8(model)
+    assert model.token_multiple == 16
+    rows = []
+    model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    ids = torch.randint(2, 100, (1, 17))
+    labels = torch.where(torch.arange(17) % 3 == 0, ids, -100)
+    loss = model(ids, labels=labels, cu_seqlens=torch.tensor([0, 7, 17], dtype=torch.int32)).loss
+    loss.backward()
+    assert rows == [32] and torch.isfinite(loss)
+
+
 def test_te_fp8_is_refused_on_cpu_with_the_portable_alternative():
     from training.float8 import check_te_fp8_device
 
@@ -88,16 +102,17 @@ TE_FP8_MISSING = (importlib.util.find_spec("transformer_engine") is None or not 
 @pytest.mark.skipif(TE_FP8_MISSING, reason="TE FP8 needs transformer_engine and an Ada/Hopper or newer GPU")
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_te_fp8_step_tracks_the_bf16_loss(recipe):
-    from training.float8 import nest_contexts, te_fp8_autocast
+    from training.float8 import align_packed_tokens, nest_contexts, te_fp8_autocast
 
     config = BertTEConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0, use_te_layers=True)
     torch.manual_seed(0)
     model = BertForMaskedLM(config).cuda()
+    align_packed_tokens(model)  # as training.fp8=te does
     ids = torch.randint(3, 128, (2, 32), device="cuda")
     mask = torch.ones_like(ids)
-    mask[1, 16:] = 0  # 48 real tokens: the unpadded GEMMs keep FP8's multiple-of-16 rows
+    mask[1, 13:] = 0  # 45 real tokens, run unpadded: filler cells round them up to FP8's multiple of 16
     labels = torch.where(torch.rand(2, 32, device="cuda") < 0.3, ids, -100).masked_fill(mask == 0, -100)
     bf16 = functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
     with bf16():

@@ -255,6 +255,58 @@ def test_packed_cells_equal_padded_batch():
     assert (masked.logits - packed.logits[0, [2, 30]]).abs().max() <= 1e-5
 
 
+def test_filler_cells_round_packed_tokens_up_and_change_no_output():
+    """FP8 GEMMs need token counts divisible by 16: filler cells pad 31 packed tokens to 32 and then vanish."""
+    _, ours = stock_pair()
+    ids, mask = padded_batch(64, [11, 4, 16])
+    packed_ids = ids[mask.bool()].unsqueeze(0)
+    labels = torch.full_like(packed_ids, -100)
+    labels[0, 2], labels[0, 30] = 3, 4
+    cu = torch.tensor([0, 11, 15, 31], dtype=torch.int32)
+    seen_tokens = []
+    ours.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, args, out: seen_tokens.append(args[0].shape[1]))
+    kwargs = dict(cu_seqlens=cu, max_seqlen=16, output_hidden_states=True, return_qkv_layer=0)
+    with torch.no_grad():
+        plain = ours(packed_ids, **kwargs)
+        plain_loss = ours(packed_ids, labels=labels, cu_seqlens=cu).loss
+        ours.token_multiple = 16
+        aligned = ours(packed_ids, **kwargs)
+        aligned_loss = ours(packed_ids, labels=labels, cu_seqlens=cu).loss
+    assert seen_tokens == [31, 31, 32, 32]
+    assert aligned.logits.shape == plain.logits.shape == (1, 31, 64)
+    assert (aligned.logits - plain.logits).abs().max() <= 1e-5
+    for got, want in zip(aligned.hidden_states + aligned.qkv, plain.hidden_states + plain.qkv, strict=True):
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+    assert abs(aligned_loss.item() - plain_loss.item()) <= 1e-5
+
+
+def test_filler_cells_are_no_longer_than_the_longest_cell():
+    """Short cells get several short filler cells, so max_seqlen (the attention kernels' shape) stays put."""
+    from modeling_bert_te import _packed_layout
+
+    layout, positions = _packed_layout(torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16)
+    assert layout.cu_seqlens.tolist() == [0, 3, 5, 8, 11, 14, 16]
+    assert layout.max_seqlen == 3
+    assert positions[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]
+
+
+def test_padded_batch_run_unpadded_is_aligned_too():
+    _, ours = stock_pair()
+    ours.token_multiple = 16
+    ids, mask = padded_batch(64, [9, 6])
+    labels = torch.where(mask.bool(), ids, -100)
+    seen_tokens = []
+    ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: seen_tokens.append(args[0].shape[:2]))
+    with torch.no_grad():
+        aligned = ours(ids, mask, labels).loss
+        ours.token_multiple = 1
+        plain = ours(ids, mask, labels).loss
+    assert seen_tokens == [(1, 16), (1, 15)]
+    assert abs(aligned.item() - plain.item()) <= 1e-5
+
+
 def test_packed_input_with_bad_cu_seqlens_is_an_error():
     _, ours = stock_pair()
     with pytest.raises(ValueError, match="cu_seqlens"):

@@ -202,6 +202,11 @@ class RunConfig:
         _require(self.training.fp8 != "te" or bool(self.model.get("use_te_layers")), "training.fp8",
                  "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
                  "training.fp8=torchao for plain layers")
+        widths = {key: self.model.get(key) for key in ("hidden_size", "intermediate_size")}
+        _require(self.training.fp8 != "te" or all(isinstance(w, int) and w % 16 == 0 for w in widths.values()),
+                 "training.fp8", f"'te' needs model.hidden_size and model.intermediate_size divisible by 16 "
+                 f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
+                 "training.fp8=torchao, which leaves such layers in bf16")
         return self
 
 

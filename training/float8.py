@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from modeling_bert_te import BertForMaskedLM
+
 log = logging.getLogger(__name__)
 FP8_ALIGNMENT = 16
 
@@ -24,8 +26,17 @@ def float8_eligible(module: nn.Module, fqn: str) -> bool:
     return module.in_features % FP8_ALIGNMENT == 0 and module.out_features % FP8_ALIGNMENT == 0
 
 
+def align_packed_tokens(model: nn.Module, multiple: int = FP8_ALIGNMENT) -> None:
+    """Round the token count of every packed batch up to `multiple` with filler cells, in each BertForMaskedLM of
+    `model`: the weight-gradient GEMM contracts over tokens, and FP8 GEMMs need that count divisible by 16."""
+    for module in model.modules():
+        if isinstance(module, BertForMaskedLM):
+            module.token_multiple = multiple
+
+
 def apply_float8(model: nn.Module) -> list[str]:
-    """Swap eligible nn.Linear modules for torchao Float8Linear in place (parameter names do not change)."""
+    """Swap eligible nn.Linear modules for torchao Float8Linear in place (parameter names do not change), and
+    align packed token counts for them."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
@@ -40,9 +51,8 @@ def apply_float8(model: nn.Module) -> list[str]:
             converted.append(fqn)
         return eligible
 
-    # Unpadded (packed) batches hold any number of tokens; the weight-gradient GEMM contracts over tokens, so
-    # FP8 needs that count padded to 16 inside the GEMM.
-    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig(pad_inner_dim=True))
+    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig())
+    align_packed_tokens(model)
     log.info("float8: %d linear layers converted", len(converted))
     if left:
         log.info("float8: %d encoder linears left in higher precision (dimensions not multiples of %d): %s",

@@ -23,7 +23,7 @@ from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext, barrier
 from training.evaluation import packed_kwargs
-from training.float8 import apply_float8, nest_contexts, te_fp8_autocast
+from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.loop import LoopParts, LoopResult, run_loop
 from training.metrics_log import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
@@ -65,6 +65,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         apply_float8(task.trainable)
     elif tcfg.fp8 == "te":
         autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
+        align_packed_tokens(task.trainable)
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
                         activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
     optimizer = build_optimizer(model, tcfg, ctx.device)
