@@ -6,7 +6,6 @@ Loads stock `transformers` BertForMaskedLM directories and exports directories t
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,20 +17,19 @@ import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
+from bert_weights import (
+    TIED_DECODER_KEY,
+    check_against_config,
+    load_weights,
+    normalize_stock_state_dict,
+    stock_to_te_state_dict,
+    to_stock_state_dict,
+)
 from varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
 
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
 
-# Stock checkpoint keys that carry no learned state of ours: buffers, the unused pooler, the tied decoder bias.
-_HARMLESS_EXTRA_PREFIXES = (
-    "bert.embeddings.position_ids",
-    "bert.embeddings.token_type_ids",
-    "bert.pooler.",
-    "cls.predictions.decoder.bias",
-)
-_TIED_DECODER_KEY = "cls.predictions.decoder.weight"
-_WORD_EMBEDDINGS_KEY = "bert.embeddings.word_embeddings.weight"
 
 
 class BertTEConfig(transformers.BertConfig):
@@ -445,166 +443,20 @@ class BertForMaskedLM(nn.Module):
         check_against_config(sd, self.config, source)
         expected = set(to_stock_state_dict(self.state_dict(), self.config))
         present = set(sd)
-        missing = sorted(expected - present - {_TIED_DECODER_KEY})
+        missing = sorted(expected - present - {TIED_DECODER_KEY})
         unexpected = sorted(present - expected)
         if missing or unexpected:
             raise ValueError(f"{source}: weights do not match a BERT masked-LM of this config: "
                              f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
                              f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
-        sd.pop(_TIED_DECODER_KEY, None)
+        sd.pop(TIED_DECODER_KEY, None)
         if self.config.use_te_layers:
             sd = stock_to_te_state_dict(sd, self.config)
         result = self.load_state_dict(sd, strict=False)
-        bad_missing = [k for k in result.missing_keys if k != _TIED_DECODER_KEY and not k.endswith("_extra_state")]
+        bad_missing = [k for k in result.missing_keys if k != TIED_DECODER_KEY and not k.endswith("_extra_state")]
         if bad_missing or result.unexpected_keys:
             raise ValueError(f"{source}: could not load {bad_missing} / unexpected {result.unexpected_keys}")
         self.tie_weights()
-
-
-# ---------------------------------------------------------------------- helpers shared with export and TE
-def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors, else pytorch_model.bin (weights only: a pickle from a user is untrusted)."""
-    st_path, bin_path = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
-    if st_path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st_path))
-    if bin_path.is_file():
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{bin_path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
-                             "only load weights from sources you trust, preferably as model.safetensors") from None
-    raise FileNotFoundError(f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
-                            "(sharded checkpoints: merge them first)")
-
-
-def normalize_stock_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop keys known to be harmless (buffers, pooler, tied decoder bias); rename old gamma/beta LayerNorm names."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(_HARMLESS_EXTRA_PREFIXES):
-            continue
-        if key.endswith("LayerNorm.gamma"):
-            key = key[: -len("gamma")] + "weight"
-        elif key.endswith("LayerNorm.beta"):
-            key = key[: -len("beta")] + "bias"
-        out[key] = value
-    return out
-
-
-def check_against_config(sd: dict[str, torch.Tensor], config: BertTEConfig, source: str) -> None:
-    """Vocabulary, positions and hidden size in the checkpoint must agree with the config."""
-    checks = {
-        _WORD_EMBEDDINGS_KEY: ((config.vocab_size, config.hidden_size), "vocab_size / hidden_size"),
-        "bert.embeddings.position_embeddings.weight": ((config.max_position_embeddings, config.hidden_size),
-                                                       "max_position_embeddings / hidden_size"),
-        "cls.predictions.bias": ((config.vocab_size,), "vocab_size"),
-    }
-    for key, (shape, fields) in checks.items():
-        if key in sd and tuple(sd[key].shape) != shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(sd[key].shape)} but the config ({fields}) needs "
-                             f"{shape}; the checkpoint and config (or vocabulary) disagree")
-    reference = _stock_shapes(config)
-    for key, value in sd.items():
-        if key in reference and tuple(value.shape) != reference[key]:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs {reference[key]}")
-
-
-def _stock_shapes(config: BertTEConfig) -> dict[str, tuple[int, ...]]:
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        _WORD_EMBEDDINGS_KEY: (v, h),
-        "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
-        "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
-        "bert.embeddings.LayerNorm.weight": (h,), "bert.embeddings.LayerNorm.bias": (h,),
-        "cls.predictions.transform.dense.weight": (h, h), "cls.predictions.transform.dense.bias": (h,),
-        "cls.predictions.transform.LayerNorm.weight": (h,), "cls.predictions.transform.LayerNorm.bias": (h,),
-        "cls.predictions.bias": (v,), _TIED_DECODER_KEY: (v, h),
-    }
-    for n in range(config.num_hidden_layers):
-        p = f"bert.encoder.layer.{n}."
-        for name in ("query", "key", "value"):
-            shapes[f"{p}attention.self.{name}.weight"], shapes[f"{p}attention.self.{name}.bias"] = (h, h), (h,)
-        shapes.update({
-            f"{p}attention.output.dense.weight": (h, h), f"{p}attention.output.dense.bias": (h,),
-            f"{p}attention.output.LayerNorm.weight": (h,), f"{p}attention.output.LayerNorm.bias": (h,),
-            f"{p}intermediate.dense.weight": (i, h), f"{p}intermediate.dense.bias": (i,),
-            f"{p}output.dense.weight": (h, i), f"{p}output.dense.bias": (h,),
-            f"{p}output.LayerNorm.weight": (h,), f"{p}output.LayerNorm.bias": (h,),
-        })
-    return shapes
-
-
-# Stock per-layer name -> Transformer Engine TransformerLayer name (post-LN layout, see te_layers.py).
-_TE_RENAMES = {
-    "attention.output.dense.weight": "self_attention.proj.weight",
-    "attention.output.dense.bias": "self_attention.proj.bias",
-    "attention.output.LayerNorm.weight": "layernorm_mlp.layer_norm_weight",
-    "attention.output.LayerNorm.bias": "layernorm_mlp.layer_norm_bias",
-    "intermediate.dense.weight": "layernorm_mlp.fc1_weight",
-    "intermediate.dense.bias": "layernorm_mlp.fc1_bias",
-    "output.dense.weight": "layernorm_mlp.fc2_weight",
-    "output.dense.bias": "layernorm_mlp.fc2_bias",
-    "output.LayerNorm.weight": "layernorm.weight",
-    "output.LayerNorm.bias": "layernorm.bias",
-}
-_LAYER_PREFIX = "bert.encoder.layer."
-
-
-def _split_layer_key(key: str) -> tuple[str, str] | None:
-    if not key.startswith(_LAYER_PREFIX):
-        return None
-    index, _, rest = key[len(_LAYER_PREFIX):].partition(".")
-    return f"{_LAYER_PREFIX}{index}.", rest
-
-
-def stock_to_te_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
-    """Stock names -> TE layer names; q, k, v are concatenated into the fused `self_attention.qkv`."""
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        split = _split_layer_key(key)
-        if split is None:
-            out[key] = value
-            continue
-        prefix, rest = split
-        if rest.startswith("attention.self."):
-            which, kind = rest[len("attention.self."):].split(".")
-            qkv.setdefault((prefix, kind), {})[which] = value
-        elif rest in _TE_RENAMES:
-            out[prefix + _TE_RENAMES[rest]] = value
-        else:
-            raise ValueError(f"state dict key {key} has no Transformer Engine counterpart")
-    for (prefix, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise ValueError(f"{prefix}attention.self.*.{kind}: need query, key and value, got {sorted(parts)}")
-        out[f"{prefix}self_attention.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    return out
-
-
-def to_stock_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
-    """Any of our state dicts (plain or TE layers) -> stock names; TE's FP8 `_extra_state` entries are dropped."""
-    inverse = {te: stock for stock, te in _TE_RENAMES.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("_extra_state"):
-            continue
-        split = _split_layer_key(key)
-        if split is None:
-            out[key] = value
-            continue
-        prefix, rest = split
-        if rest.startswith("self_attention.qkv."):
-            kind = rest.rsplit(".", 1)[1]
-            q, k, v = value.chunk(3, dim=0)
-            for name, part in (("query", q), ("key", k), ("value", v)):
-                out[f"{prefix}attention.self.{name}.{kind}"] = part
-        elif rest in inverse:
-            out[prefix + inverse[rest]] = value
-        else:
-            out[key] = value
-    return out
 
 
 def build_model(cfg: BertTEConfig | dict | Any) -> BertForMaskedLM:

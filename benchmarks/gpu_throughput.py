@@ -394,9 +394,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--builtin-dir", default=str(ROOT / "outputs" / "builtin_corpus"))
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--smoke-cpu", action="store_true", help="run on CPU to check the script (figures meaningless)")
+    parser.add_argument("--smoke-cpu", action="store_true",
+                        help="check the script on a CPU: one tiny step per mode (figures meaningless)")
     args = parser.parse_args()
     if args.smoke_cpu:
+        # Minutes on a laptop instead of hours: every mode and part still runs end to end.
+        args.steps, args.warmup, args.batches, args.max_tokens, args.baseline_batch_size = 1, 1, 2, 2048, "2"
         global GPU, BF16_AUTOCAST
         GPU = torch.device("cpu")
         BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
@@ -404,6 +407,10 @@ def main() -> None:
         raise SystemExit("gpu_throughput.py measures GPU training; no CUDA device is visible")
     torch.backends.cuda.matmul.allow_tf32 = True
     parts, modes = args.parts.split(","), args.modes.split(",")
+    for name, given, known in (("--parts", parts, ("pretrain", "distill", "106m")), ("--modes", modes, OUR_MODES)):
+        unknown = [item for item in given if item not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
     cells = load_cells(args.builtin_dir, args.max_length)
     print(environment())
     print(f"built-in corpus: {len(cells.indices)} cells, mean length {cells.corpus.lengths.mean():.0f}, "

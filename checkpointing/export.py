@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from modeling_bert_te import BertTEConfig, normalize_stock_state_dict, to_stock_state_dict
+from bert_weights import normalize_stock_state_dict, to_stock_state_dict
+from modeling_bert_te import BertTEConfig
 
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from bert_weights import to_stock_state_dict
 from checkpointing.export import RECIPE_ONLY_FIELDS, write_model_dir
 from dataset.vocab import Vocabulary
-from modeling_bert_te import BertTEConfig, to_stock_state_dict
+from modeling_bert_te import BertTEConfig
 
 
 def export_classifier_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, out_dir: Path,

@@ -13,14 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_bert_te import (
-    BertForMaskedLM,
-    BertModel,
-    BertTEConfig,
-    load_weights,
-    padded_layout,
-    stock_to_te_state_dict,
-)
+from bert_weights import load_weights, stock_to_te_state_dict
+from modeling_bert_te import BertForMaskedLM, BertModel, BertTEConfig, padded_layout
 
 
 class BertPooler(nn.Module):

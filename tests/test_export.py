@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 
+from bert_weights import stock_to_te_state_dict
 from checkpointing.export import export_model_dir
 from dataset.vocab import Vocabulary
-from modeling_bert_te import BertForMaskedLM, BertTEConfig, stock_to_te_state_dict
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             hidden_act="relu", max_position_embeddings=40)

@@ -14,14 +14,8 @@ import torch
 import transformers
 import yaml
 
-from modeling_bert_te import (
-    BertForMaskedLM,
-    BertTEConfig,
-    build_model,
-    count_parameters,
-    stock_to_te_state_dict,
-    to_stock_state_dict,
-)
+from bert_weights import stock_to_te_state_dict, to_stock_state_dict
+from modeling_bert_te import BertForMaskedLM, BertTEConfig, build_model, count_parameters
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL_YAMLS = Path(__file__).resolve().parents[1] / "hydra_config" / "model"
