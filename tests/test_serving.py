@@ -167,6 +167,14 @@ def test_tied_embedding_is_stored_once_in_fp32_and_int8(exported):
     assert report["fp32_bytes"] < 0.6 * report["fp32_bytes_unshared"]  # the embedding is most of a tiny model
 
 
+def test_int8_weights_use_seven_bits_so_avx2_kernels_cannot_saturate(exported):
+    """CPUs without VNNI add pairs of u8 x s8 products in int16: 8-bit weights can saturate it, 7-bit ones cannot."""
+    weights = [numpy_helper.to_array(init) for init in onnx.load(str(exported / "model.int8.onnx")).graph.initializer
+               if init.data_type == onnx.TensorProto.INT8]
+    assert weights and sum(w.size for w in weights) > 25426 * 32  # the embedding and every layer's weights
+    assert all(abs(int(w.min())) <= 64 and int(w.max()) <= 64 for w in weights)  # 8 bits would reach 127
+
+
 def test_repeated_initializers_become_nodes_with_equal_outputs(tmp_path):
     weight = np.arange(4096 * 2, dtype=np.float32).reshape(4096, 2)
     inits = [numpy_helper.from_array(a, n) for a, n in ((weight, "w"), (weight.copy(), "w_again"), (weight.T.copy(), "w_t"))]
