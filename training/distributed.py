@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun (NCCL on CUDA, gloo on CPU) and small collective helpers.
+"""Process-group setup for torchrun (NCCL and gloo on CUDA, gloo on CPU) and small collective helpers.
 
 A plain `python train.py` runs as a world of one without any process group.
 """
@@ -38,6 +38,13 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors plus gloo for CPU ones on GPUs; gloo alone on CPUs. The loop reduces small host-side
+    values (masked-token counts, step metrics, the preemption flag) as CPU tensors, which an NCCL-only group
+    refuses ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the torchrun process group if launched by torchrun; pick the device for this rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -45,10 +52,10 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = _pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if chosen.type == "cuda" else "gloo"
         # device_id binds NCCL eagerly to this rank's GPU; gloo takes none.
         extra = {"device_id": chosen} if chosen.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **extra)
+        dist.init_process_group(backend=process_group_backend(chosen), timeout=datetime.timedelta(minutes=30),
+                                **extra)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 
