@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
 
 
-
 class BertTEConfig(transformers.BertConfig):
     """BertConfig plus the recipe's switches; validates shapes so a bad yaml fails before any allocation."""
 
