@@ -347,36 +347,50 @@ class BertForMaskedLM(nn.Module):
                 labels: torch.Tensor | None = None, *, output_hidden_states: bool = False,
                 return_qkv_layer: int | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, full_logits: bool = False) -> MaskedLMOutput:
-        packed = cu_seqlens is not None
-        if packed and input_ids.dim() == 1:
+        if cu_seqlens is not None and input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
             labels = labels.unsqueeze(0) if labels is not None and labels.dim() == 1 else labels
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq] (or [1, total] when packed); got shape {tuple(input_ids.shape)}")
-        n_layers = len(self.bert.encoder.layer)
-        qkv_index = None
-        if return_qkv_layer is not None:
-            qkv_index = return_qkv_layer + n_layers if return_qkv_layer < 0 else return_qkv_layer
-            if not 0 <= qkv_index < n_layers:
-                raise ValueError(f"return_qkv_layer {return_qkv_layer} is out of range for {n_layers} layers")
+        qkv_index = self._layer_index(return_qkv_layer)
         token_index = None  # set when a padded batch runs unpadded: slot of each kept token in the B*S grid
-        if (not packed and labels is not None and attention_mask is not None and not full_logits
+        if (cu_seqlens is None and labels is not None and attention_mask is not None and not full_logits
                 and not output_hidden_states and qkv_index is None):
             unpadded = _unpad(input_ids, attention_mask, labels)
             if unpadded is not None:
                 # Only masked rows leave the model, so pad tokens need no compute at all: run packed.
                 input_ids, labels, cu_seqlens, max_seqlen, token_index = unpadded
-                packed = True
+        h, hidden_states, qkv = self._encode(input_ids, attention_mask, cu_seqlens, max_seqlen,
+                                             output_hidden_states, qkv_index)
+        out = MaskedLMOutput(hidden_states=hidden_states, qkv=qkv)
+        if labels is None:
+            out.logits = self.cls.predictions(h)
+            return out
+        return self._masked_lm(out, h, labels, token_index, full_logits)
+
+    def _layer_index(self, return_qkv_layer: int | None) -> int | None:
+        """The encoder layer whose q/k/v to return (negative counts from the end), checked against the depth."""
+        if return_qkv_layer is None:
+            return None
+        n_layers = len(self.bert.encoder.layer)
+        index = return_qkv_layer + n_layers if return_qkv_layer < 0 else return_qkv_layer
+        if not 0 <= index < n_layers:
+            raise ValueError(f"return_qkv_layer {return_qkv_layer} is out of range for {n_layers} layers")
+        return index
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                max_seqlen: int | None, output_hidden_states: bool, qkv_index: int | None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple | None]:
+        """Encoder outputs of a padded [B, S] batch, or of packed cells [1, T] when `cu_seqlens` is given."""
         b, s = input_ids.shape
-        device = input_ids.device
-        if packed:
-            if b != 1:
-                raise ValueError(f"packed input (cu_seqlens given) must have input_ids of shape [1, T]; got {tuple(input_ids.shape)}")
-            layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, device, self.token_multiple)
-            longest = layout.max_seqlen
-        else:
+        if cu_seqlens is None:
             layout, position_ids = padded_layout(input_ids, attention_mask)
             longest = s
+        else:
+            if b != 1:
+                raise ValueError(f"packed input (cu_seqlens given) must have input_ids of shape [1, T]; got {tuple(input_ids.shape)}")
+            layout, position_ids = _packed_layout(cu_seqlens, max_seqlen, s, input_ids.device, self.token_multiple)
+            longest = layout.max_seqlen
         filler = position_ids.shape[1] - s
         if filler:
             input_ids = F.pad(input_ids, (0, filler), value=self.config.pad_token_id or 0)
@@ -386,22 +400,23 @@ class BertForMaskedLM(nn.Module):
             h = h[:, :s]
             hidden_states = tuple(t[:, :s] for t in hidden_states) if hidden_states is not None else None
             qkv = tuple(t[:, :, :s] for t in qkv) if qkv is not None else None
+        return h, hidden_states, qkv
 
-        out = MaskedLMOutput(hidden_states=hidden_states, qkv=qkv)
+    def _masked_lm(self, out: MaskedLMOutput, h: torch.Tensor, labels: torch.Tensor, token_index: torch.Tensor | None,
+                   full_logits: bool) -> MaskedLMOutput:
+        """Logits and cross-entropy at the masked positions (labels != -100) of `h` [B, S, H]."""
         head = self.cls.predictions
-        if labels is None:
-            out.logits = head(h)
-            return out
-        flat_labels = labels.reshape(-1).to(device)
+        rows = h.shape[0] * h.shape[1]
+        flat_labels = labels.reshape(-1).to(h.device)
         positions = torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)
         out.masked_positions = positions if token_index is None else token_index[positions]
         out.masked_labels = flat_labels.index_select(0, positions)
         if full_logits:
             out.logits = head(h)
-            masked_logits = out.logits.reshape(b * s, -1).index_select(0, positions)
+            masked_logits = out.logits.reshape(rows, -1).index_select(0, positions)
         else:
             # Decoding only masked rows: full-vocabulary logits at every position would dominate compute.
-            masked_logits = head(h.reshape(b * s, -1).index_select(0, positions))
+            masked_logits = head(h.reshape(rows, -1).index_select(0, positions))
             out.logits = masked_logits
         if positions.numel() == 0:
             out.loss = masked_logits.sum() * 0.0  # keeps the graph (DDP) without a 0/0 NaN
