@@ -87,3 +87,18 @@ def test_packed_batches_give_the_losses_of_padded_batches(tmp_path):
     assert padded.keys() == packed.keys() and all(abs(padded[s] - packed[s]) < 1e-4 for s in padded)
     assert eval_records(tmp_path / "True" / "train.jsonl")[-1]["loss"] == pytest.approx(
         eval_records(tmp_path / "False" / "train.jsonl")[-1]["loss"], abs=1e-4)
+
+
+def test_float8_on_two_fsdp2_ranks_with_packed_batches_trains_resumes_and_exports(tmp_path):
+    """torchao FP8 on sharded layers, with packed batches rounded up to 16 tokens; the export is stock BERT."""
+    pytest.importorskip("torchao.float8", reason="torchao is not installed")
+    out = [f"output_dir={tmp_path / 'run'}", "model=tiny", "training.fp8=torchao", "training.strategy=fsdp2",
+           "data.packed=true", "data.pad_to_multiple_of=16", "training.num_train_steps=4", "training.warmup_steps=1",
+           "checkpoint.every_steps=100", "eval.every_steps=100"]
+    first = run_entry("train.py", [*out, "training.stop_after_steps=2"], nproc=2, tmp=tmp_path)
+    assert "float8: 12 linear layers converted" in first.stderr
+    resumed = run_entry("train.py", out, nproc=2, tmp=tmp_path)
+    assert "resumed from" in resumed.stderr
+    losses = train_losses(tmp_path / "run" / "train.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(loss) for loss in losses.values())
+    _stock_logits_match(tmp_path / "run" / "final_model")
