@@ -75,6 +75,14 @@ def test_fp8_options_are_checked(override, names):
         assert name in str(error.value)
 
 
+def test_fp8_needs_16_token_padding_only_for_padded_batches():
+    # Packed batches are rounded up to 16 tokens inside the model; padded ones must be padded to 16 by the collator.
+    run = parse_config(_compose(REPO / "hydra_config", "10m", ["training.fp8=torchao", "data.packed=true"]))
+    assert run.data.pad_to_multiple_of == 8
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of.*data.packed=true"):
+        parse_config(_compose(REPO / "hydra_config", "10m", ["training.fp8=torchao", "data.packed=false"]))
+
+
 def test_relation_loss_refuses_packed_batches():
     # Packed cells share one row; relations over it would mix cells, so the combination is refused.
     with pytest.raises(ConfigError, match="distill.relation_weight.*data.packed=false"):

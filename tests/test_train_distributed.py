@@ -93,7 +93,7 @@ def test_float8_on_two_fsdp2_ranks_with_packed_batches_trains_resumes_and_export
     """torchao FP8 on sharded layers, with packed batches rounded up to 16 tokens; the export is stock BERT."""
     pytest.importorskip("torchao.float8", reason="torchao is not installed")
     out = [f"output_dir={tmp_path / 'run'}", "model=tiny", "training.fp8=torchao", "training.strategy=fsdp2",
-           "data.packed=true", "data.pad_to_multiple_of=16", "training.num_train_steps=4", "training.warmup_steps=1",
+           "data.packed=true", "training.num_train_steps=4", "training.warmup_steps=1",
            "checkpoint.every_steps=100", "eval.every_steps=100"]
     first = run_entry("train.py", [*out, "training.stop_after_steps=2"], nproc=2, tmp=tmp_path)
     assert "float8: 12 linear layers converted" in first.stderr

@@ -190,8 +190,10 @@ class RunConfig:
     finetune: FinetuneConfig | None = None
 
     def validate(self) -> RunConfig:
-        _require(self.training.fp8 == "off" or self.data.pad_to_multiple_of % 16 == 0, "data.pad_to_multiple_of",
-                 "must be a multiple of 16 with training.fp8 (FP8 GEMMs need dimensions divisible by 16)")
+        # Packed batches need no padding: the model rounds their token count up to 16 itself under FP8.
+        _require(self.training.fp8 == "off" or self.data.packed or self.data.pad_to_multiple_of % 16 == 0,
+                 "data.pad_to_multiple_of", "must be a multiple of 16 with training.fp8 and padded batches (FP8 GEMMs "
+                 "need dimensions divisible by 16); set it to 16, or use data.packed=true")
         for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill,
                      self.finetune):
             if part is not None:
