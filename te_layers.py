@@ -22,7 +22,7 @@ def te_activation(hidden_act: str) -> str:
 class TEBertLayer(te.TransformerLayer):
     """Post-LN: `output_layernorm` drops the pre-attention LN and normalises the layer output (BERT's output.LayerNorm);
     `apply_residual_connection_post_layernorm` makes the MLP residual the normalised attention sum (attention.output.LayerNorm).
-    Parameter names map to stock BERT names through modeling_bert_te.stock_to_te_state_dict / to_stock_state_dict.
+    Parameter names map to stock BERT names through bert_weights.stock_to_te_state_dict / to_stock_state_dict.
     """
 
     def forward(self, x: torch.Tensor, layout, want_qkv: bool = False):  # type: ignore[override]

@@ -36,7 +36,7 @@ from dataset.vocab import Vocabulary  # noqa: E402
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 from training.builders import model_config_by_name  # noqa: E402
-from training.config import DistillConfig, TrainingConfig  # noqa: E402
+from training.config import DistillConfig, TrainingConfig, fp8_alignment  # noqa: E402
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 from training.parallelize import compile_layers  # noqa: E402
@@ -46,6 +46,7 @@ from training.throughput import peak_flops, peak_memory_mb, train_flops_per_toke
 
 GPU = torch.device("cuda")  # `--smoke-cpu` swaps in the CPU to check the script itself on a tiny run
 BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+TEACHER_DTYPE = torch.bfloat16  # the frozen teacher's weights, as distill.py keeps them on GPUs
 
 
 @dataclass
@@ -188,7 +189,8 @@ def recipe_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimize
     return step
 
 
-def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False) -> BertForMaskedLM:
+def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False,
+               te_recipe: str = "delayed") -> BertForMaskedLM:
     """Our model in a mode's form: TE layers, torchao FP8 training (not for a frozen teacher; TE's FP8 comes from
     the autocast) and compile as asked."""
     torch.manual_seed(0)
@@ -199,7 +201,8 @@ def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False) -> Ber
     if not frozen and opts["fp8"] == "torchao":
         apply_float8(model)
     elif opts["fp8"] == "te":
-        align_packed_tokens(model)  # TE layers run FP8 under the autocast, frozen or not
+        # TE layers run FP8 under the autocast, frozen or not.
+        align_packed_tokens(model, fp8_alignment("te", te_recipe))
     model.to(GPU)
     if opts["compile"]:
         compile_layers(model.bert.encoder.layer)
@@ -257,7 +260,7 @@ def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConf
 def ours_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str, mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    model = ours_model(config, opts)
+    model = ours_model(config, opts, te_recipe=args.te_recipe)
     opt = build_optimizer(model, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
     step = recipe_step(model, masked_lm_loss, opt, mode_autocast(opts, args.te_recipe))
@@ -320,7 +323,7 @@ def distill_flops(t_config: BertTEConfig, s_config: BertTEConfig, batches: list[
 def baseline_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig, s_config: BertTEConfig) -> Result:
     batch_size = int(args.baseline_batch_size.split(",")[0])
     batches = baseline_batches(cells, args.batches, batch_size)
-    teacher = stock_bert(t_config).to(torch.bfloat16).eval().requires_grad_(False)
+    teacher = stock_bert(t_config).to(TEACHER_DTYPE).eval().requires_grad_(False)
     student = stock_bert(s_config)
     opt = build_optimizer(student, TrainingConfig(), GPU)
     sec, tps, peak = time_steps(naive_distill_step(student, teacher, opt), batches, args.steps, args.warmup)
@@ -332,8 +335,9 @@ def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig,
                  mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    teacher = ours_model(t_config, opts, frozen=True).to(torch.bfloat16).eval().requires_grad_(False)
-    student = ours_model(s_config, opts)
+    teacher = ours_model(t_config, opts, frozen=True, te_recipe=args.te_recipe)
+    teacher = teacher.to(TEACHER_DTYPE).eval().requires_grad_(False)
+    student = ours_model(s_config, opts, te_recipe=args.te_recipe)
     trainable = StudentWithProjections(student, t_config.hidden_size, 0)
     loss_fn = DistillationLoss(teacher, DistillConfig(), default_layer_map(s_config.num_hidden_layers,
                                t_config.num_hidden_layers), s_config.num_attention_heads)
@@ -395,15 +399,17 @@ def main() -> None:
     parser.add_argument("--builtin-dir", default=str(ROOT / "outputs" / "builtin_corpus"))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke-cpu", action="store_true",
-                        help="check the script on a CPU: one tiny step per mode (figures meaningless)")
+                        help="check the script on a CPU: one tiny fp32 step per mode, replacing --steps, --warmup, "
+                             "--batches, --max-tokens and --baseline-batch-size (figures meaningless)")
     args = parser.parse_args()
     if args.smoke_cpu:
         # Minutes on a laptop instead of hours: every mode and part still runs end to end.
         args.steps, args.warmup, args.batches, args.max_tokens, args.baseline_batch_size = 1, 1, 2, 2048, "2"
-        global GPU, BF16_AUTOCAST
+        global GPU, BF16_AUTOCAST, TEACHER_DTYPE
         GPU = torch.device("cpu")
         # fp32: CPUs without bf16 units emulate it many times slower, and the smoke checks code paths, not speed.
         BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cpu", enabled=False)
+        TEACHER_DTYPE = torch.float32
     elif not torch.cuda.is_available():
         raise SystemExit("gpu_throughput.py measures GPU training; no CUDA device is visible")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -83,6 +83,18 @@ def test_fp8_needs_16_token_padding_only_for_padded_batches():
         parse_config(_compose(REPO / "hydra_config", "10m", ["training.fp8=torchao", "data.packed=false"]))
 
 
+def test_mxfp8_needs_widths_and_padding_divisible_by_32():
+    # MXFP8 scales blocks of 32 values; delayed and current scaling need 16.
+    te = ["training.fp8=te", "model.use_te_layers=true", "model.intermediate_size=528"]
+    assert parse_config(_compose(REPO / "hydra_config", "10m", te)).training.fp8_alignment() == 16
+    with pytest.raises(ConfigError, match="divisible by 32"):
+        parse_config(_compose(REPO / "hydra_config", "10m", [*te, "training.fp8_recipe=mxfp8"]))
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of.*multiple of 32"):
+        parse_config(_compose(REPO / "hydra_config", "10m", ["training.fp8=te", "model.use_te_layers=true",
+                                                            "training.fp8_recipe=mxfp8", "data.packed=false",
+                                                            "data.pad_to_multiple_of=16"]))
+
+
 def test_relation_loss_refuses_packed_batches():
     # Packed cells share one row; relations over it would mix cells, so the combination is refused.
     with pytest.raises(ConfigError, match="distill.relation_weight.*data.packed=false"):

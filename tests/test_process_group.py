@@ -26,6 +26,22 @@ def test_gpu_group_sends_cpu_tensors_to_gloo_and_cuda_tensors_to_nccl():
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
+def test_torchrun_on_gpus_joins_with_both_backends(monkeypatch):
+    """init_distributed as torchrun's second rank on a GPU machine (device and group faked: no GPU here)."""
+    import training.distributed as distributed
+
+    joined = {}
+    monkeypatch.setattr(distributed, "_pick_device", lambda requested, local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = distributed.init_distributed("auto")
+    assert ctx.device == torch.device("cuda", 1)
+    assert joined["backend"] == GPU_LAYOUT and joined["device_id"] == torch.device("cuda", 1)
+
+
 def _step_and_preemption_check() -> tuple[dict, bool]:
     torch.manual_seed(0)
     model = BertForMaskedLM(BertTEConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -21,6 +21,11 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config '{key}': {message}")
 
 
+def fp8_alignment(fp8: str, recipe: str) -> int:
+    """What FP8 GEMM dimensions (tokens, widths) must divide by: MXFP8 scales blocks of 32, the others need 16."""
+    return 32 if fp8 == "te" and recipe == "mxfp8" else 16
+
+
 def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, f"got '{value}', allowed: {', '.join(allowed)}")
 
@@ -72,6 +77,9 @@ class TrainingConfig:
     fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
     nonfinite: str = "stop"  # stop | skip
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
+
+    def fp8_alignment(self) -> int:
+        return fp8_alignment(self.fp8, self.fp8_recipe)
 
     def validate(self) -> None:
         _one_of(self.strategy, "training.strategy", ("ddp", "fsdp2"))
@@ -190,10 +198,11 @@ class RunConfig:
     finetune: FinetuneConfig | None = None
 
     def validate(self) -> RunConfig:
-        # Packed batches need no padding: the model rounds their token count up to 16 itself under FP8.
-        _require(self.training.fp8 == "off" or self.data.packed or self.data.pad_to_multiple_of % 16 == 0,
-                 "data.pad_to_multiple_of", "must be a multiple of 16 with training.fp8 and padded batches (FP8 GEMMs "
-                 "need dimensions divisible by 16); set it to 16, or use data.packed=true")
+        # Packed batches need no padding: under FP8 the model rounds their token count up itself.
+        align = self.training.fp8_alignment()
+        _require(self.training.fp8 == "off" or self.data.packed or self.data.pad_to_multiple_of % align == 0,
+                 "data.pad_to_multiple_of", f"must be a multiple of {align} with training.fp8 and padded batches (FP8 "
+                 f"GEMMs need dimensions divisible by {align}); set it to {align}, or use data.packed=true")
         for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill,
                      self.finetune):
             if part is not None:
@@ -205,8 +214,8 @@ class RunConfig:
                  "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
                  "training.fp8=torchao for plain layers")
         widths = {key: self.model.get(key) for key in ("hidden_size", "intermediate_size")}
-        _require(self.training.fp8 != "te" or all(isinstance(w, int) and w % 16 == 0 for w in widths.values()),
-                 "training.fp8", f"'te' needs model.hidden_size and model.intermediate_size divisible by 16 "
+        _require(self.training.fp8 != "te" or all(isinstance(w, int) and w % align == 0 for w in widths.values()),
+                 "training.fp8", f"'te' needs model.hidden_size and model.intermediate_size divisible by {align} "
                  f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
                  "training.fp8=torchao, which leaves such layers in bf16")
         return self

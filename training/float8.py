@@ -1,5 +1,5 @@
-"""FP8 training: torchao float8 on plain nn.Linear layers (portable, runs on CPU too), or Transformer Engine's
-FP8 autocast with a scaling recipe over TE layers. Off by default; GEMMs FP8 cannot take stay in bf16, logged.
+"""FP8 training: torchao float8 on plain nn.Linear layers (portable, runs on CPU too; GEMMs FP8 cannot take stay in
+bf16, logged), or Transformer Engine's FP8 autocast with a scaling recipe over TE layers. Off by default.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def apply_float8(model: nn.Module) -> list[str]:
         return eligible
 
     convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig())
-    align_packed_tokens(model)
+    if converted:
+        align_packed_tokens(model)
     log.info("float8: %d linear layers converted", len(converted))
     if left:
         log.info("float8: %d encoder linears left in higher precision (dimensions not multiples of %d): %s",

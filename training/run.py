@@ -65,7 +65,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         apply_float8(task.trainable)
     elif tcfg.fp8 == "te":
         autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
-        align_packed_tokens(task.trainable)
+        align_packed_tokens(task.trainable, tcfg.fp8_alignment())
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
                         activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
     optimizer = build_optimizer(model, tcfg, ctx.device)
