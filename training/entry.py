@@ -5,6 +5,7 @@ A user error (bad config, path, vocabulary) ends the run with one clear line; RE
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -57,4 +58,8 @@ def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], No
         # No closing barrier: healthy ranks may be inside a collective this one will never join.
         shutdown_distributed(wait_for_others=False)
         sys.exit(2)
+    # The job's model and optimizer sit in reference cycles (module hooks) that can still hold the process group
+    # and gloo work. Free them while the interpreter is whole, not during its teardown, where freeing gloo work
+    # can abort the process after a clean run.
+    gc.collect()
     shutdown_distributed()
