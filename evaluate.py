@@ -33,6 +33,7 @@ from modeling_bert_te import BertForMaskedLM, count_parameters
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
 from training.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
+from training.entry import run_cli
 from training.evaluation import format_side_by_side, masked_lm_metrics
 from training.plots import plot_training_curves
 
@@ -298,4 +299,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

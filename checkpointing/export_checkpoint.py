@@ -15,6 +15,7 @@ from checkpointing.export import export_model_dir
 from checkpointing.manifest import read_manifest
 from dataset.vocab import Vocabulary
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
+from training.entry import run_cli
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -40,14 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
-    try:
-        with torch.no_grad():
-            out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # An uncommitted or foreign directory, or an occupied --out: the message says which and why.
-        raise SystemExit(f"error: {error}") from None
+    with torch.no_grad():
+        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # an uncommitted or foreign directory, or an occupied --out: one line saying which

@@ -16,6 +16,7 @@ from dataset.vocab import Vocabulary
 from interpret.attention_maps import attention_probs, save_attention_maps, top_gene_positions
 from interpret.integrated_gradients import METHODS, GeneAttribution, gene_attributions
 from modeling_bert_te import BertForMaskedLM
+from training.entry import run_cli
 
 log = logging.getLogger("interpret.cell")
 
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> list[GeneAttribution]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

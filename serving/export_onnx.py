@@ -21,6 +21,7 @@ from torch import nn
 
 from finetuning.model import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
+from training.entry import run_cli
 
 log = logging.getLogger("serving.export_onnx")
 
@@ -76,6 +77,18 @@ class ExportReport:
     int8_bytes: int | None
     fp32_bytes_unshared: int  # before store_repeats_once: the tied embedding stored twice
     fused: dict[str, int] = field(default_factory=dict)  # onnxruntime contrib ops the optimizer made; {} = not optimized
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it takes `path`'s name only once written whole, so a
+    half-written file never carries the final name (and a failed write leaves nothing behind)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def require_onnx() -> None:
@@ -149,8 +162,7 @@ def export_fp32(model: ServedModel, path: Path, *, output: str = "logits", opset
     output_axes = {0: "batch", 1: "length"} if wrapper.per_token else {0: "batch"}
     ids, mask = example_inputs(model.config.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with torch.no_grad(), warnings.catch_warnings(), fusable_attention(opset):
+    with torch.no_grad(), warnings.catch_warnings(), fusable_attention(opset), _replacing(path) as tmp:
         # The tracer warns about the model's Python-side checks (padding present? length within positions?);
         # they only pick the masked branch and validate the example, see example_inputs.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -161,7 +173,6 @@ def export_fp32(model: ServedModel, path: Path, *, output: str = "logits", opset
             dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
                           output: output_axes},
         )
-    os.replace(tmp, path)  # a half-written file never carries the final name
     return path
 
 
@@ -180,9 +191,8 @@ def fuse_for_onnxruntime(path: Path, config) -> dict[str, int]:
     if fused.get("Attention", 0) != config.num_hidden_layers:
         log.warning("%s: %d of %d attention layers fused; the rest run as separate nodes (slower, still checked)",
                     path, fused.get("Attention", 0), config.num_hidden_layers)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    optimized.save_model_to_file(str(tmp))
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        optimized.save_model_to_file(str(tmp))
     return fused
 
 
@@ -263,9 +273,8 @@ def store_repeats_once(path: Path) -> int:
         model.graph.initializer.remove(init)
     for node in reversed(aliases):
         model.graph.node.insert(0, node)  # first, so the graph stays topologically sorted
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        onnx.save(model, str(tmp))
     return len(aliases)
 
 
@@ -292,14 +301,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = int8_path.with_name(f".{int8_path.name}.tmp-{os.getpid()}")
     overrides = {name: [{"quant_type": QuantType.QInt8, "reduce_range": True}] for name in _gather_tables(fp32_path)}
-    # onnx's shape inference cannot type the outputs of a fused graph's contrib ops (Attention,
-    # SkipLayerNormalization); every activation here is fp32.
-    quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, reduce_range=True,
-                     extra_options={"TensorQuantOverrides": overrides, "DefaultTensorType": TensorProto.FLOAT})
-    store_repeats_once(tmp)
-    os.replace(tmp, int8_path)
+    with _replacing(int8_path) as tmp:
+        # onnx's shape inference cannot type the outputs of a fused graph's contrib ops (Attention,
+        # SkipLayerNormalization); every activation here is fp32.
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, reduce_range=True,
+                         extra_options={"TensorQuantOverrides": overrides, "DefaultTensorType": TensorProto.FLOAT})
+        store_repeats_once(tmp)
     return int8_path
 
 
@@ -352,4 +360,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -67,3 +67,19 @@ def test_cuda_requested_on_a_machine_without_one(tmp_path, capfd):
         pytest.skip("this machine has a CUDA GPU")
     line = _exit_line(tmp_path, capfd, ["training.device=cuda"])
     assert "training.device" in line and "training.device=cpu" in line
+
+
+@pytest.mark.parametrize("tool", [["-m", "serving.export_onnx", "--out", "{tmp}/onnx"], ["-m", "interpret.cell"],
+                                  ["evaluate.py"], ["-m", "checkpointing.export_checkpoint", "--out", "{tmp}/m"]])
+def test_command_line_tools_report_a_missing_model_in_one_line(tmp_path, tool):
+    """The plain (non-hydra) tools end a user error as the jobs do: one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    args = [part.format(tmp=tmp_path) for part in tool]
+    done = subprocess.run([sys.executable, *args, str(tmp_path / "no_model")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no_model" in last, done.stderr
+    assert not any(tmp_path.iterdir())

@@ -25,6 +25,18 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonF
                NoUsableCheckpointError, CheckpointSaveError)
 
 
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a plain command-line tool's `main`: a user error ends it with its one-line message and exit code 2,
+    as in the training jobs (RECIPE_DEBUG=1 keeps the traceback). `main` itself still raises, for callers."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get("RECIPE_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     level = logging.INFO if rank == "0" else logging.WARNING
