@@ -249,30 +249,47 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(config)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without waiting for it: a copy from pinned memory is queued on the stream, where one
+    from pageable memory may first wait for the GPU to finish its queued work."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Cell boundaries checked where they live: raised now for host tensors, on the device without a wait else."""
+    lengths = cu[1:] - cu[:-1]
+    checks = {f"cu_seqlens must start at 0 and end at the packed length {total}": (cu[0] == 0) & (cu[-1] == total),
+              "cu_seqlens must be strictly increasing (no empty cells)": (lengths > 0).all(),
+              f"max_seqlen {max_seqlen} is shorter than the longest packed cell": lengths.max() <= max_seqlen}
+    for message, ok in checks.items():
+        if cu.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"{message}; got cu_seqlens {cu.tolist()}")
+        else:
+            torch._assert_async(ok, message)
+
+
 def _packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int, device: torch.device,
                    token_multiple: int = 1) -> tuple[AttentionLayout, torch.Tensor]:
     """Pad/unpad indices and per-cell positions for packed (THD) input. With `token_multiple` > 1, filler cells
-    (each no longer than the longest real cell) round the token count up to that multiple: the layout and
-    positions then cover `total` plus the filler tokens, which the caller appends to its ids."""
-    # Checked on a host copy: one device read instead of a sync per check.
-    host = cu_seqlens.detach().to("cpu", torch.long)
-    if host.dim() != 1 or host.numel() < 2 or int(host[0]) != 0 or int(host[-1]) != total:
-        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at the packed length {total}; got {host.tolist()}")
-    host_lengths = host[1:] - host[:-1]
-    if bool((host_lengths <= 0).any()):
-        raise ValueError(f"cu_seqlens must be strictly increasing (no empty cells); got {host.tolist()}")
-    longest = int(host_lengths.max())
-    if max_seqlen is not None and int(max_seqlen) < longest:
-        raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed cell ({longest})")
+    (each no longer than `max_seqlen`) round the token count up to that multiple: the layout and positions then
+    cover `total` plus the filler tokens, which the caller appends to its ids.
+
+    Given `max_seqlen`, nothing is read back from the device, so the host never waits for the GPU here."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
+    cu = host_to_device(cu_seqlens.detach(), device).to(torch.long)
+    longest = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)  # without it: one wait
+    _check_cu_seqlens(cu_seqlens.detach().to(torch.long), total, longest)
     filler = -total % token_multiple
     if filler:
         # Cells of at most `longest` tokens keep max_seqlen, and so the attention kernels' shapes, unchanged.
-        sizes = torch.full((filler // longest,), longest, dtype=torch.long)
-        sizes = torch.cat([sizes, torch.tensor([filler % longest])]) if filler % longest else sizes
-        host = torch.cat([host, total + sizes.cumsum(0)])
+        sizes = [longest] * (filler // longest) + ([filler % longest] if filler % longest else [])
+        ends = total + torch.tensor(sizes, dtype=torch.long).cumsum(0)
+        cu = torch.cat([cu, host_to_device(ends, device)])
         total += filler
-    cu = host.to(device, non_blocking=True) if cu_seqlens.device.type == "cpu" or filler \
-        else cu_seqlens.to(torch.long)
     lengths = cu[1:] - cu[:-1]
     n = lengths.numel()
     cell_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=total)
@@ -298,6 +315,22 @@ def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     return (input_ids.reshape(-1)[token_index].unsqueeze(0), labels.reshape(-1)[token_index].unsqueeze(0),
             cu_seqlens, int(lengths.max()), token_index)
+
+
+def _masked_positions(flat_labels: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """Flat indices of the labelled tokens: `given` ones checked on the device without a sync, else found here."""
+    if given is None:
+        return torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)  # waits for the GPU: sizes its output
+    if given.dim() != 1 or given.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"masked_positions must be a 1-D integer tensor; got {given.dtype} of shape {tuple(given.shape)}")
+    given = host_to_device(given, flat_labels.device)
+    labelled = flat_labels != -100
+    # Raised on the device when it runs (at the next sync on a GPU): no wait here.
+    torch._assert_async(labelled.sum() == given.numel(),
+                        "masked_positions does not list every labelled token (labels != -100)")
+    torch._assert_async(labelled.index_select(0, given).all(), "masked_positions lists a token without a label")
+    torch._assert_async((given[1:] > given[:-1]).all(), "masked_positions must be strictly increasing")
+    return given
 
 
 class BertForMaskedLM(nn.Module):
@@ -346,7 +379,12 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, output_hidden_states: bool = False,
                 return_qkv_layer: int | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, full_logits: bool = False) -> MaskedLMOutput:
+                max_seqlen: int | None = None, masked_positions: torch.Tensor | None = None,
+                full_logits: bool = False) -> MaskedLMOutput:
+        """Packed input gives `cu_seqlens` (and `max_seqlen`); its `masked_positions`, the flat indices of the
+        labelled tokens found on the host (see dataset.collator), spare the GPU the sync of finding them here."""
+        if masked_positions is not None and (cu_seqlens is None or labels is None):
+            raise ValueError("masked_positions goes with packed input and its labels (cu_seqlens and labels given)")
         if cu_seqlens is not None and input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
             labels = labels.unsqueeze(0) if labels is not None and labels.dim() == 1 else labels
@@ -366,7 +404,7 @@ class BertForMaskedLM(nn.Module):
         if labels is None:
             out.logits = self.cls.predictions(h)
             return out
-        return self._masked_lm(out, h, labels, token_index, full_logits)
+        return self._masked_lm(out, h, labels, token_index, full_logits, masked_positions)
 
     def _layer_index(self, return_qkv_layer: int | None) -> int | None:
         """The encoder layer whose q/k/v to return (negative counts from the end), checked against the depth."""
@@ -403,12 +441,12 @@ class BertForMaskedLM(nn.Module):
         return h, hidden_states, qkv
 
     def _masked_lm(self, out: MaskedLMOutput, h: torch.Tensor, labels: torch.Tensor, token_index: torch.Tensor | None,
-                   full_logits: bool) -> MaskedLMOutput:
+                   full_logits: bool, masked_positions: torch.Tensor | None = None) -> MaskedLMOutput:
         """Logits and cross-entropy at the masked positions (labels != -100) of `h` [B, S, H]."""
         head = self.cls.predictions
         rows = h.shape[0] * h.shape[1]
         flat_labels = labels.reshape(-1).to(h.device)
-        positions = torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)
+        positions = _masked_positions(flat_labels, masked_positions)
         out.masked_positions = positions if token_index is None else token_index[positions]
         out.masked_labels = flat_labels.index_select(0, positions)
         if full_logits:

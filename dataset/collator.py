@@ -18,7 +18,8 @@ class MLMCollator:
     `<mask>`, 10% a random gene, 10% stay. Special tokens are never selected; labels are -100 elsewhere.
 
     Padded output: input_ids / attention_mask / labels [B, S], S rounded up to `pad_to_multiple_of`.
-    Packed output (`packed=True`): [1, T] with no padding, `cu_seqlens` (int32 [B+1]) and `max_seqlen`.
+    Packed output (`packed=True`): [1, T] with no padding, `cu_seqlens` (int32 [B+1]), `max_seqlen` and
+    `masked_positions` (the flat indices of the labelled tokens, found here so the GPU need not be asked).
     """
 
     def __init__(
@@ -112,4 +113,5 @@ class MLMCollator:
             "labels": torch.from_numpy(labels).unsqueeze(0),
             "cu_seqlens": torch.from_numpy(cu),
             "max_seqlen": int(lengths.max()),
+            "masked_positions": torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX)),
         }

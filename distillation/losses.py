@@ -24,10 +24,19 @@ def token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch
     return attention_mask.bool()
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [B, S, ...] over the tokens where `mask` [B, S] is True, every trailing element counted.
+
+    No boolean indexing: its data-dependent size would make the host wait for the GPU on every call.
+    """
+    mask = mask.reshape(mask.shape + (1,) * (values.dim() - mask.dim()))
+    per_token = values[0, 0].numel() if values.dim() > 2 else 1
+    return torch.where(mask, values, 0).sum() / (mask.sum() * per_token)
+
+
 def hidden_mse_mean(student_projected: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over real tokens and the teacher's width."""
-    diff = (student_projected.float() - teacher_hidden.float())[mask]
-    return diff.pow(2).mean()
+    return masked_mean((student_projected.float() - teacher_hidden.float()).pow(2), mask)
 
 
 def _relation_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -58,5 +67,5 @@ def relation_kl_mean(student_qkv: tuple[torch.Tensor, ...], teacher_qkv: tuple[t
         log_s = _relation_log_probs(s, n_heads, mask)
         log_t = _relation_log_probs(t, n_heads, mask)
         kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, heads, S]
-        total = total + kl.permute(0, 2, 1)[mask].mean()
+        total = total + masked_mean(kl.permute(0, 2, 1), mask)
     return total / len(student_qkv)

@@ -104,3 +104,4 @@ def test_packed_output_matches_the_padded_output():
     assert packed["cu_seqlens"].dtype == torch.int32
     assert packed["cu_seqlens"].tolist() == np.concatenate([[0], np.cumsum([len(c) for c in cells])]).tolist()
     assert packed["max_seqlen"] == max(len(c) for c in cells)
+    assert torch.equal(packed["masked_positions"], torch.nonzero(packed["labels"][0] != -100).squeeze(1))

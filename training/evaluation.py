@@ -26,7 +26,7 @@ def _masked_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 def packed_kwargs(batch: dict) -> dict:
     """Extra forward arguments of a packed (THD) batch; empty for a padded one."""
-    return {k: batch[k] for k in ("cu_seqlens", "max_seqlen") if k in batch}
+    return {k: batch[k] for k in ("cu_seqlens", "max_seqlen", "masked_positions") if k in batch}
 
 
 def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None) -> torch.Tensor:
