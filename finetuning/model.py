@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention_layout import padded_layout
 from bert_weights import load_weights, stock_to_te_state_dict
-from modeling_bert_te import BertForMaskedLM, BertModel, BertTEConfig, padded_layout
+from modeling_bert_te import BertForMaskedLM, BertModel, BertTEConfig
 
 
 class BertPooler(nn.Module):

@@ -277,9 +277,9 @@ def test_filler_cells_round_packed_tokens_up_and_change_no_output():
 
 def test_filler_cells_are_no_longer_than_the_longest_cell():
     """Short cells get several short filler cells, so max_seqlen (the attention kernels' shape) stays put."""
-    from modeling_bert_te import _packed_layout
+    from attention_layout import packed_layout
 
-    layout, positions = _packed_layout(torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16)
+    layout, positions = packed_layout(torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16)
     assert layout.cu_seqlens.tolist() == [0, 3, 5, 8, 11, 14, 16]
     assert layout.max_seqlen == 3
     assert positions[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]
