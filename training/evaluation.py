@@ -30,21 +30,23 @@ def packed_kwargs(batch: dict) -> dict:
 
 
 def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None) -> torch.Tensor:
+    """The batch's share of each of _SUM_KEYS, float64 on the logits' device: summed there, read once at the end."""
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     log_probs = logits.log_softmax(-1)
+    zero = logits.new_zeros(())
     sums = [
-        float(labels.numel()),
-        F.nll_loss(log_probs, labels, reduction="sum").item(),
-        (top5[:, 0] == labels).sum().item(),
-        (top5 == labels[:, None]).any(-1).sum().item(),
+        logits.new_full((), float(labels.numel())),  # filled on the device: a host scalar would be a blocking copy
+        F.nll_loss(log_probs, labels, reduction="sum"),
+        (top5[:, 0] == labels).sum(),
+        (top5 == labels[:, None]).any(-1).sum(),
     ]
     if ref_logits is None:
-        sums += [0.0, 0.0]
+        sums += [zero, zero]
     else:
         ref_log_probs = ref_logits.log_softmax(-1)
-        sums.append(F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="sum").item())
-        sums.append((logits.argmax(-1) == ref_logits.argmax(-1)).sum().item())
-    return torch.tensor(sums, dtype=torch.float64)
+        sums.append(F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="sum"))
+        sums.append((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+    return torch.stack([value.double() for value in sums])
 
 
 @torch.no_grad()
@@ -54,7 +56,7 @@ def masked_lm_metrics(models: dict[str, nn.Module], batches: Iterable[dict], dev
     was_training = {name: m.training for name, m in models.items()}
     for model in models.values():
         model.eval()
-    totals = {name: torch.zeros(len(_SUM_KEYS), dtype=torch.float64) for name in names}
+    totals = {name: torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=device) for name in names}
     try:
         for batch in batches:
             batch = move_batch(batch, device)
@@ -67,7 +69,7 @@ def masked_lm_metrics(models: dict[str, nn.Module], batches: Iterable[dict], dev
     finally:
         for name, model in models.items():
             model.train(was_training[name])
-    return {name: _summarize(all_reduce_sum(totals[name]), with_ref=i > 0) for i, name in enumerate(names)}
+    return {name: _summarize(all_reduce_sum(totals[name].cpu()), with_ref=i > 0) for i, name in enumerate(names)}
 
 
 def _summarize(sums: torch.Tensor, with_ref: bool) -> dict[str, float]:
