@@ -40,12 +40,13 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int | None) -> None:
     """Cell boundaries checked where they live: raised now for host tensors, on the device without a wait else."""
     lengths = cu[1:] - cu[:-1]
     checks = {f"cu_seqlens must start at 0 and end at the packed length {total}": (cu[0] == 0) & (cu[-1] == total),
-              "cu_seqlens must be strictly increasing (no empty cells)": (lengths > 0).all(),
-              f"max_seqlen {max_seqlen} is shorter than the longest packed cell": lengths.max() <= max_seqlen}
+              "cu_seqlens must be strictly increasing (no empty cells)": (lengths > 0).all()}
+    if max_seqlen is not None:
+        checks[f"max_seqlen {max_seqlen} is shorter than the longest packed cell"] = lengths.max() <= max_seqlen
     for message, ok in checks.items():
         if cu.device.type == "cpu":
             if not bool(ok):
@@ -60,12 +61,17 @@ def packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int, 
     (each no longer than `max_seqlen`) round the token count up to that multiple: the layout and positions then
     cover `total` plus the filler tokens, which the caller appends to its ids.
 
-    Given `max_seqlen`, nothing is read back from the device, so the host never waits for the GPU here."""
+    Given `max_seqlen`, device-side `cu_seqlens` are not read back, so the host never waits for the GPU here;
+    host-side ones give the exact longest cell for free."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(cu_seqlens.shape)}")
-    cu = host_to_device(cu_seqlens.detach(), device).to(torch.long)
-    longest = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)  # without it: one wait
-    _check_cu_seqlens(cu_seqlens.detach().to(torch.long), total, longest)
+    given = cu_seqlens.detach().to(torch.long)
+    _check_cu_seqlens(given, total, max_seqlen)
+    if max_seqlen is None or given.device.type == "cpu":
+        longest = int((given[1:] - given[:-1]).max())  # free on the host; on the device, the one wait
+    else:
+        longest = int(max_seqlen)
+    cu = host_to_device(given, device)
     filler = -total % token_multiple
     if filler:
         # Cells of at most `longest` tokens keep max_seqlen, and so the attention kernels' shapes, unchanged.

@@ -285,6 +285,16 @@ def test_filler_cells_are_no_longer_than_the_longest_cell():
     assert positions[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]
 
 
+def test_host_side_boundaries_give_the_exact_longest_cell_and_are_checked_against_max_seqlen():
+    from attention_layout import packed_layout
+
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    layout, _ = packed_layout(cu, 40, 5, torch.device("cpu"))  # an overstated max_seqlen widens no kernel
+    assert layout.max_seqlen == 3
+    with pytest.raises(ValueError, match="max_seqlen 2 is shorter than the longest packed cell"):
+        packed_layout(cu, 2, 5, torch.device("cpu"))
+
+
 def test_padded_batch_run_unpadded_is_aligned_too():
     _, ours = stock_pair()
     ours.token_multiple = 16
