@@ -22,7 +22,13 @@ from distillation.task import (
     evaluate_side_by_side,
 )
 from distillation.teacher import check_teacher, load_teacher, weights_sha256
-from training.builders import build_data, build_model, model_config_by_name, model_config_from_dict
+from training.builders import (
+    DataBundle,
+    build_data,
+    build_model,
+    model_config_by_name,
+    model_config_from_dict,
+)
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
@@ -57,7 +63,7 @@ def resolve_teacher(run: RunConfig, ctx: DistributedContext) -> Path:
     return export_dir
 
 
-def distillation_task(run: RunConfig, ctx: DistributedContext, data, teacher_dir: Path) -> Task:
+def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle, teacher_dir: Path) -> Task:
     cfg = run.distill
     student_config = model_config_from_dict(run.model)
     teacher_dtype = compute_dtype(cfg.teacher_precision, ctx.device)

@@ -5,8 +5,13 @@ Imported only when `use_te_layers=True`: importing this module imports transform
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import transformer_engine.pytorch as te
+
+if TYPE_CHECKING:
+    from modeling_bert_te import BertTEConfig
 
 # Hugging Face activation name -> TE's. TE's "gelu" is the tanh approximation, so erf "gelu" has no exact match.
 _TE_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu"}
@@ -55,7 +60,7 @@ class TEBertLayer(te.TransformerLayer):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def build_te_layer(config, layer_index: int) -> TEBertLayer:
+def build_te_layer(config: BertTEConfig, layer_index: int) -> TEBertLayer:
     std = config.initializer_range
 
     def init(weight: torch.Tensor) -> None:

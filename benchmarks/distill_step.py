@@ -51,14 +51,16 @@ def corpus_batches(n: int, max_tokens: int, max_length: int, builtin_dir: str) -
     return [next(loader) for _ in range(n)]
 
 
-def ours_step(model, loss_fn, optimizer, batch: dict) -> None:
+def ours_step(model: torch.nn.Module, loss_fn: DistillationLoss, optimizer: torch.optim.Optimizer,
+              batch: dict) -> None:
     """The recipe's step: training/step.py train_step with DistillationLoss, then the optimizer."""
     train_step(model, loss_fn, optimizer, [batch], device=CPU, world_size=1, grad_clip=1.0,
                autocast=contextlib.nullcontext)
     optimizer.step()
 
 
-def naive_step(student, teacher, optimizer, batch: dict, cfg: DistillConfig) -> None:
+def naive_step(student: BertForMaskedLM, teacher: BertForMaskedLM, optimizer: torch.optim.Optimizer, batch: dict,
+               cfg: DistillConfig) -> None:
     """Full-vocabulary logits of both models at every position; KL over every real token plus masked CE."""
     optimizer.zero_grad(set_to_none=True)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

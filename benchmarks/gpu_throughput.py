@@ -177,7 +177,7 @@ def baseline_pretrain_step(model: torch.nn.Module, optimizer: torch.optim.Optimi
     return step
 
 
-def recipe_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
+def recipe_step(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict], dict], optimizer: torch.optim.Optimizer,
                 autocast: Callable | None = None) -> Callable[[dict], None]:
     """The recipe's step exactly as the loop runs it: training/step.py train_step, then the optimizer."""
 
@@ -276,7 +276,8 @@ def pretrain_part(cells: Cells, args: argparse.Namespace, name: str, modes: list
     return results + [attempt(part, f"ours {mode}", lambda m=mode: ours_pretrain(cells, args, config, part, m)) for mode in modes]
 
 
-def naive_distill_step(student, teacher, optimizer) -> Callable[[dict], None]:
+def naive_distill_step(student: transformers.BertForMaskedLM, teacher: transformers.BertForMaskedLM,
+                       optimizer: torch.optim.Optimizer) -> Callable[[dict], None]:
     """The usual way: full-vocabulary logits of both stock models at every position, KL over every real token."""
 
     def step(batch: dict) -> None:

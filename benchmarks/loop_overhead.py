@@ -22,14 +22,14 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 import training.loop  # noqa: E402
 import training.run  # noqa: E402
 import training.step  # noqa: E402
-from training.config import parse_config  # noqa: E402
+from training.config import RunConfig, parse_config  # noqa: E402
 from training.distributed import init_distributed  # noqa: E402
 from training.loop import run_loop  # noqa: E402
 from training.pretrain import pretrain  # noqa: E402
-from training.step import count_masked, train_step  # noqa: E402
+from training.step import LossFn, count_masked, train_step  # noqa: E402
 
 
-def compose_run(config_name: str, overrides: list[str]):
+def compose_run(config_name: str, overrides: list[str]) -> RunConfig:
     """The typed RunConfig that `python train.py --config-name <config_name> <overrides>` would run."""
     from hydra import compose, initialize_config_dir
 
@@ -83,7 +83,7 @@ class TimedLoader:
         self.loader.load_state_dict(state)
 
 
-def timed_loop_run(run) -> dict:
+def timed_loop_run(run: RunConfig) -> dict:
     """Run the real train.py job (training/pretrain.py -> run_training -> run_loop) with timers around the parts
     the loop calls; returns seconds by part, the batches it consumed and its model/optimizer/loss."""
     timers = {name: Timer() for name in ("data", "logging", "eval", "checkpoint", "train_step", "optimizer_step",
@@ -116,7 +116,7 @@ def timed_loop_run(run) -> dict:
             "eval_calls": timers["eval"].calls, "checkpoint_calls": timers["checkpoint"].calls}
 
 
-def bare_step(model, optimizer, loss_fn, batch: dict, n_masked: int, grad_clip: float) -> None:
+def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: dict, n_masked: int, grad_clip: float) -> None:
     """Forward/backward/clip/optimizer.step on a pre-collated batch, nothing else."""
     optimizer.zero_grad(set_to_none=True)
     (loss_fn(model, batch)["loss"] / n_masked).backward()
@@ -124,14 +124,14 @@ def bare_step(model, optimizer, loss_fn, batch: dict, n_masked: int, grad_clip: 
     optimizer.step()
 
 
-def recipe_step(model, optimizer, loss_fn, batch: dict, grad_clip: float) -> None:
+def recipe_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: dict, grad_clip: float) -> None:
     """What run_loop does per step inside train_step + optimizer.step (mask count, metrics, finiteness check)."""
     train_step(model, loss_fn, optimizer, [batch], device=torch.device("cpu"), world_size=1, grad_clip=grad_clip,
                autocast=contextlib.nullcontext)
     optimizer.step()
 
 
-def interleaved(model, optimizer, loss_fn, batches: list[dict], grad_clip: float, rounds: int) -> dict[str, float]:
+def interleaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batches: list[dict], grad_clip: float, rounds: int) -> dict[str, float]:
     """Median seconds per step of train_step+optimizer.step vs a bare step, alternating step by step on the same
     batches and model, so machine load hits both alike."""
     times: dict[str, list[float]] = {"recipe": [], "bare": []}

@@ -11,6 +11,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,10 @@ def step_stock(model: transformers.BertForMaskedLM, batch: dict[str, torch.Tenso
     model(**batch).loss.backward()
 
 
-def time_steps(models: dict[str, tuple[torch.nn.Module, object]], batch, repeats: int) -> dict[str, list[float]]:
+Step = Callable[[torch.nn.Module, dict], None]
+
+
+def time_steps(models: dict[str, tuple[torch.nn.Module, Step]], batch: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds per forward+backward, the models interleaved repeat by repeat so machine load hits both alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
     for model, step in models.values():  # warm-up: kernel selection, lazy allocations
@@ -64,7 +68,7 @@ def time_steps(models: dict[str, tuple[torch.nn.Module, object]], batch, repeats
     return times
 
 
-def saved_activation_bytes(model: torch.nn.Module, step, batch) -> int:
+def saved_activation_bytes(model: torch.nn.Module, step: Step, batch: dict) -> int:
     """Bytes of tensors autograd keeps from forward for backward (weights excluded, shared storage counted once):
     the activation memory held at the end of forward, which is what sets the peak of a training step."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}

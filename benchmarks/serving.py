@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def masked_stats(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return log_probs.gather(1, true[:, None]).squeeze(1).numpy(), rows.argmax(-1).numpy()
 
 
-def cells_per_s(forward, data: list[dict]) -> float:
+def cells_per_s(forward: Callable[[dict], object], data: list[dict]) -> float:
     """Back-to-back forward calls only, as a server makes them. Scoring between calls (torch ops) would leave
     PyTorch's and onnxruntime's thread pools contending for the cores: on 2 cores that halved onnxruntime's rate."""
     forward(data[0])  # warm-up: allocators and onnxruntime's first-run graph work
@@ -91,7 +92,7 @@ def cells_per_s(forward, data: list[dict]) -> float:
     return sum(len(b["input_ids"]) for b in data) / (time.perf_counter() - start)
 
 
-def masked_lm_quality(name: str, forward, data: list[dict]) -> dict:
+def masked_lm_quality(name: str, forward: Callable[[dict], object], data: list[dict]) -> dict:
     """Held-out masked-LM accuracy, perplexity and predictions at the fixed masks (not timed)."""
     true_lp, preds, labels = [], [], []
     for batch in data:
@@ -146,7 +147,7 @@ def score_classifier(model: torch.nn.Module, batches: list[dict], n_labels: int)
     return classification_metrics(model, batches, n_labels, torch.device("cpu"))
 
 
-def classifier_forward(model: torch.nn.Module):
+def classifier_forward(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
         with torch.no_grad():
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from torch import nn
 from finetuning.model import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
 from training.entry import run_cli
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import transformers
 
 log = logging.getLogger("serving.export_onnx")
 
@@ -176,7 +181,7 @@ def export_fp32(model: ServedModel, path: Path, *, output: str = "logits", opset
     return path
 
 
-def fuse_for_onnxruntime(path: Path, config) -> dict[str, int]:
+def fuse_for_onnxruntime(path: Path, config: transformers.PretrainedConfig) -> dict[str, int]:
     """Rewrite `path` with onnxruntime's BERT fusions (Attention, SkipLayerNormalization, ...); returns the count of
     each fused op. Python fusions only (opt_level 0): onnxruntime's own graph passes run anyway when a session
     loads, and folding constants here would store the tied decoder's transposed embedding a second time."""
@@ -196,7 +201,7 @@ def fuse_for_onnxruntime(path: Path, config) -> dict[str, int]:
     return fused
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session; `threads` caps intra-op threads (None = onnxruntime's default)."""
     import onnxruntime as ort
 
@@ -206,7 +211,7 @@ def session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray) -> np.ndarray:
+def run_session(sess: onnxruntime.InferenceSession, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray) -> np.ndarray:
     feed = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
     return sess.run(None, feed)[0]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def fixed_eval_batches(data: DataBundle) -> list[dict]:
     return list(data.eval_loader.epoch_batches(epoch=0))
 
 
-def autocast_factory(dtype: torch.dtype, device: torch.device, strategy: str):
+def autocast_factory(dtype: torch.dtype, device: torch.device, strategy: str,
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
     """Autocast for replicated (DDP / single-process) bf16 runs; FSDP2 casts through its mixed-precision policy."""
     if dtype == torch.float32 or strategy == "fsdp2":
         return contextlib.nullcontext

@@ -8,12 +8,16 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from modeling_bert_te import BertForMaskedLM
+
+if TYPE_CHECKING:
+    from transformer_engine.common.recipe import Recipe
 
 log = logging.getLogger(__name__)
 FP8_ALIGNMENT = 16
@@ -65,7 +69,7 @@ def apply_float8(model: nn.Module) -> list[str]:
 _TE_RECIPE_CAPABILITY = {"delayed": (8, 9), "current": (8, 9), "mxfp8": (10, 0)}
 
 
-def te_fp8_recipe(name: str):
+def te_fp8_recipe(name: str) -> Recipe:
     """The Transformer Engine scaling recipe: delayed (amax history), current (per-tensor, per step) or MXFP8."""
     from transformer_engine.common import recipe
 

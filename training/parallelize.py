@@ -68,7 +68,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def no_gradient_sync(model: nn.Module, skip_sync: bool):
+def no_gradient_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
     """Context for one micro-batch: while accumulating, gradients are not all-reduced."""
     if not skip_sync:
         return contextlib.nullcontext()

@@ -6,8 +6,12 @@ Used at the end of every run and by evaluate.py to put several runs on one figur
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.metrics_log import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _PANELS = (("train", "loss"), ("eval", "loss"), ("eval", "accuracy"), ("train", "lr"))
 
@@ -35,7 +39,7 @@ def plot_training_curves(metrics_files: dict[str, Path], out_png: str | Path) ->
     return save_figure(fig, out_png)
 
 
-def save_figure(fig, out_png: str | Path) -> Path:
+def save_figure(fig: Figure, out_png: str | Path) -> Path:
     """Write a matplotlib figure as PNG (creating the folder) and release it."""
     import matplotlib.pyplot as plt
 
