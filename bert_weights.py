@@ -5,6 +5,7 @@ and from Transformer Engine layers (q, k, v fused into one `qkv`).
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,23 +115,22 @@ _TE_RENAMES = {
 _LAYER_PREFIX = "bert.encoder.layer."
 
 
-def _split_layer_key(key: str) -> tuple[str, str] | None:
-    if not key.startswith(_LAYER_PREFIX):
-        return None
-    index, _, rest = key[len(_LAYER_PREFIX):].partition(".")
-    return f"{_LAYER_PREFIX}{index}.", rest
+def _layer_entries(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+                   ) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+    """(key, layer prefix, name within the layer, value) of each encoder-layer entry; others are copied to `out`."""
+    for key, value in sd.items():
+        if not key.startswith(_LAYER_PREFIX):
+            out[key] = value
+            continue
+        index, _, rest = key[len(_LAYER_PREFIX):].partition(".")
+        yield key, f"{_LAYER_PREFIX}{index}.", rest, value
 
 
 def stock_to_te_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
     """Stock names -> TE layer names; q, k, v are concatenated into the fused `self_attention.qkv`."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        split = _split_layer_key(key)
-        if split is None:
-            out[key] = value
-            continue
-        prefix, rest = split
+    for key, prefix, rest, value in _layer_entries(sd, out):
         if rest.startswith("attention.self."):
             which, kind = rest[len("attention.self."):].split(".")
             qkv.setdefault((prefix, kind), {})[which] = value
@@ -149,14 +149,8 @@ def to_stock_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> di
     """Any of our state dicts (plain or TE layers) -> stock names; TE's FP8 `_extra_state` entries are dropped."""
     inverse = {te: stock for stock, te in _TE_RENAMES.items()}
     out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("_extra_state"):
-            continue
-        split = _split_layer_key(key)
-        if split is None:
-            out[key] = value
-            continue
-        prefix, rest = split
+    kept = {key: value for key, value in sd.items() if not key.endswith("_extra_state")}
+    for key, prefix, rest, value in _layer_entries(kept, out):
         if rest.startswith("self_attention.qkv."):
             kind = rest.rsplit(".", 1)[1]
             q, k, v = value.chunk(3, dim=0)

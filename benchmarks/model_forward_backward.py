@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 
 CONFIG = ROOT / "hydra_config" / "model" / "10m.yaml"
+Step = Callable[[torch.nn.Module, dict], None]  # forward + backward of one model on one batch
 
 
 def make_batch(cells: int, seq_len: int, vocab: int, mask_prob: float) -> dict[str, torch.Tensor]:
@@ -46,9 +47,6 @@ def step_ours(model: BertForMaskedLM, batch: dict[str, torch.Tensor]) -> None:
 
 def step_stock(model: transformers.BertForMaskedLM, batch: dict[str, torch.Tensor]) -> None:
     model(**batch).loss.backward()
-
-
-Step = Callable[[torch.nn.Module, dict], None]
 
 
 def time_steps(models: dict[str, tuple[torch.nn.Module, Step]], batch: dict, repeats: int) -> dict[str, list[float]]:

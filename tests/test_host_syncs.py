@@ -111,8 +111,7 @@ def test_masked_mean_equals_the_mean_over_the_selected_tokens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="synchronisation debugging needs a CUDA GPU")
 def test_packed_step_on_a_gpu_never_synchronises():
     model = BertForMaskedLM(BertTEConfig(**TINY)).cuda()
-    batch = move_batch({k: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                        for k, v in packed_batch().items()}, torch.device("cuda"))
+    batch = move_batch(packed_batch(), torch.device("cuda"))
     forward_backward(model, batch)  # warm-up: first calls may allocate and load kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from attention_layout import host_to_device
 from training.distributed import all_reduce_sum
 from training.parallelize import no_gradient_sync
 
@@ -24,7 +25,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`, copied without making the host wait (see host_to_device)."""
+    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def count_masked(micro_batches: list[dict]) -> int:
