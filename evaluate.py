@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.collectives import barrier
+from common.errors import run_cli
 from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
 from dataset.loader import CellBatchLoader
@@ -32,8 +34,7 @@ from evaluation.similarity import linear_cka, mean_cosine
 from modeling_bert_te import BertForMaskedLM, count_parameters
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
-from training.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
-from training.entry import run_cli
+from training.distributed import DistributedContext, init_distributed, shutdown_distributed
 from training.evaluation import format_side_by_side, masked_lm_metrics
 from training.plots import plot_training_curves
 

@@ -17,8 +17,8 @@ import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
-from attention_layout import AttentionLayout, host_to_device, packed_layout, padded_layout, unpad
-from bert_weights import (
+from model.attention_layout import AttentionLayout, host_to_device, packed_layout, padded_layout, unpad
+from model.bert_weights import (
     TIED_DECODER_KEY,
     check_against_config,
     load_weights,
@@ -26,7 +26,8 @@ from bert_weights import (
     stock_to_te_state_dict,
     to_stock_state_dict,
 )
-from varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
+from model.hf_dir import export_model_dir
+from model.varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
 
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
@@ -162,7 +163,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         if config.use_te_layers:
             try:
-                from te_layers import build_te_layer  # Transformer Engine only when asked for: CPUs lack it
+                from model.te_layers import (
+                    build_te_layer,  # Transformer Engine only when asked for: CPUs lack it
+                )
             except ImportError as error:
                 raise ImportError(f"model.use_te_layers=true needs Transformer Engine on a CUDA machine ({error}); "
                                   "use the container (it ships TE) or set model.use_te_layers=false") from error
@@ -281,7 +284,7 @@ class BertForMaskedLM(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, BertLMPredictionHead):
             nn.init.zeros_(module.bias)
-        # TE layers initialise themselves with the same N(0, initializer_range) (see te_layers.py).
+        # TE layers initialise themselves with the same N(0, initializer_range) (see model/te_layers.py).
 
     def tie_weights(self) -> None:
         """Re-tie the decoder to the word embeddings (needed after `to_empty` or a state-dict swap)."""
@@ -377,12 +380,10 @@ class BertForMaskedLM(nn.Module):
     # ------------------------------------------------------------------ saving / loading
     def stock_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict in stock `transformers` names (TE layer parameters converted)."""
-        return to_stock_state_dict(self.state_dict(), self.config)
+        return to_stock_state_dict(self.state_dict())
 
     def save_pretrained(self, out_dir: str | os.PathLike, vocab: Vocabulary | None = None, *,
                         overwrite: bool = False) -> Path:
-        from checkpointing.export import export_model_dir
-
         return export_model_dir(self.state_dict(), self.config, Path(out_dir), vocab, overwrite=overwrite)
 
     @classmethod
@@ -405,7 +406,7 @@ class BertForMaskedLM(nn.Module):
         """Load stock-named weights, checking them against the config; errors name what is wrong."""
         sd = normalize_stock_state_dict(state_dict)
         check_against_config(sd, self.config, source)
-        expected = set(to_stock_state_dict(self.state_dict(), self.config))
+        expected = set(to_stock_state_dict(self.state_dict()))
         present = set(sd)
         missing = sorted(expected - present - {TIED_DECODER_KEY})
         unexpected = sorted(present - expected)
@@ -415,7 +416,7 @@ class BertForMaskedLM(nn.Module):
                              f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
         sd.pop(TIED_DECODER_KEY, None)
         if self.config.use_te_layers:
-            sd = stock_to_te_state_dict(sd, self.config)
+            sd = stock_to_te_state_dict(sd)
         result = self.load_state_dict(sd, strict=False)
         bad_missing = [k for k in result.missing_keys if k != TIED_DECODER_KEY and not k.endswith("_extra_state")]
         if bad_missing or result.unexpected_keys:

@@ -56,7 +56,7 @@ def run_once(h5ad: Path, vocab: Path, medians: Path, out: Path, chunk_size: int)
     """Tokenize in a fresh process so peak RSS (VmHWM: ru_maxrss would include the parent's, inherited at fork)
     belongs to this chunk size alone; imports happen before timing."""
     code = (
-        "import json,resource,time,anndata;from dataset.tokenize import tokenize_counts;"
+        "import json,resource,time,anndata;from dataset.prepare.tokenize import tokenize_counts;"
         "cpu=lambda:sum(resource.getrusage(resource.RUSAGE_SELF)[:2]);"
         f"t=time.perf_counter();c=cpu();m=tokenize_counts({str(h5ad)!r},{str(out)!r},vocab={str(vocab)!r},"
         f"medians={str(medians)!r},obs_columns=['cell_type'],chunk_size={chunk_size});"

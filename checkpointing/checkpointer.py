@@ -20,17 +20,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from checkpointing.manifest import read_manifest, write_manifest
-from training.distributed import barrier, broadcast_object
+from common.collectives import barrier, broadcast_object
+from common.errors import RecipeError
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(RecipeError):
     """Checkpoints exist but none is complete and readable: starting from step 0 would lose them."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(RecipeError):
     """Writing a checkpoint failed (disk full, unwritable directory); the directory is left uncommitted."""
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from checkpointing.export import export_model_dir
 from checkpointing.manifest import read_manifest
+from common.errors import run_cli
 from dataset.vocab import Vocabulary
+from model.hf_dir import export_model_dir
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
-from training.entry import run_cli
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:

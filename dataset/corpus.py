@@ -231,7 +231,7 @@ def _validate_schema(f: Path, schema: pa.Schema) -> bool:
     """Checks column types; returns whether a `length` column is present."""
     if "input_ids" not in schema.names:
         raise ValueError(f"{f}: no 'input_ids' column (columns: {schema.names}); tokenize the cells first "
-                         f"(dataset.tokenize) or rename the token-id column to input_ids")
+                         f"(dataset.prepare.tokenize) or rename the token-id column to input_ids")
     kind = schema.field("input_ids").type
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
         raise ValueError(f"{f}: column 'input_ids' has type {kind}; it must be a list of integers (gene token ids)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.collectives import barrier
 from dataset.corpus import CellCorpus
 from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
@@ -15,7 +16,7 @@ from dataset.vocab import Vocabulary
 from finetuning.labels import CellLabels, stratified_split
 from training.builders import DataBundle, resolve_data_path, resolve_vocab
 from training.config import RunConfig
-from training.distributed import DistributedContext, barrier
+from training.distributed import DistributedContext
 
 
 class LabelledCells(list):

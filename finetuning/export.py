@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from bert_weights import to_stock_state_dict
-from checkpointing.export import RECIPE_ONLY_FIELDS, write_model_dir
 from dataset.vocab import Vocabulary
+from model.bert_weights import to_stock_state_dict
+from model.hf_dir import RECIPE_ONLY_FIELDS, write_model_dir
 from modeling_bert_te import BertTEConfig
 
 
@@ -20,7 +20,7 @@ def export_classifier_dir(state_dict: dict[str, torch.Tensor], config: BertTECon
     """model.safetensors (stock names incl. pooler and classifier) + config.json + tokenizer files, replacing out_dir."""
     out_dir = Path(out_dir)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-               for k, v in to_stock_state_dict(state_dict, config).items()}
+               for k, v in to_stock_state_dict(state_dict).items()}
     expected = {"bert.pooler.dense.weight", "classifier.weight", "classifier.bias"}
     if not expected <= set(tensors):
         raise ValueError(f"classifier state dict lacks {sorted(expected - set(tensors))}")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention_layout import padded_layout
-from bert_weights import load_weights, stock_to_te_state_dict
+from model.attention_layout import padded_layout
+from model.bert_weights import load_weights, stock_to_te_state_dict
 from modeling_bert_te import BertForMaskedLM, BertModel, BertTEConfig
 
 
@@ -81,7 +81,7 @@ class BertForCellClassification(nn.Module):
               if k not in ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")}
         model = cls(config)
         if config.use_te_layers:
-            sd = stock_to_te_state_dict(sd, config)
+            sd = stock_to_te_state_dict(sd)
         result = model.load_state_dict(sd, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:

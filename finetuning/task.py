@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from training.distributed import all_reduce_sum
+from common.collectives import all_reduce_sum
 from training.step import move_batch
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import run_cli
 from dataset.builtin_corpus import ensure_builtin_corpus
 from dataset.corpus import CellCorpus
 from dataset.vocab import Vocabulary
 from interpret.attention_maps import attention_probs, save_attention_maps, top_gene_positions
 from interpret.integrated_gradients import METHODS, GeneAttribution, gene_attributions
 from modeling_bert_te import BertForMaskedLM
-from training.entry import run_cli
 
 log = logging.getLogger("interpret.cell")
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import run_cli
 from finetuning.model import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
-from training.entry import run_cli
 
 if TYPE_CHECKING:
     import onnxruntime

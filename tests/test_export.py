@@ -1,4 +1,4 @@
-"""Behaviour of checkpointing.export: a directory stock `transformers` loads with the same logits and vocabulary.
+"""Behaviour of model.hf_dir: a directory stock `transformers` loads with the same logits and vocabulary.
 
 Also atomicity and refusal to overwrite; tiny models keep it fast.
 """
@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from bert_weights import stock_to_te_state_dict
-from checkpointing.export import export_model_dir
 from dataset.vocab import Vocabulary
+from model.bert_weights import stock_to_te_state_dict
+from model.hf_dir import export_model_dir
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -89,7 +89,7 @@ def test_auto_tokenizer_of_a_v2_vocabulary_uses_cls_and_eos(tmp_path):
 def test_export_of_te_layer_state_dict_uses_stock_names(tmp_path):
     model = trained_like_model()
     sd = {k: v for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
-    te_sd = stock_to_te_state_dict(sd, model.config)
+    te_sd = stock_to_te_state_dict(sd)
     out = export_model_dir(te_sd, model.config, tmp_path / "m", None)
     again = BertForMaskedLM.from_pretrained(out).eval()
     ids, mask = batch()
@@ -111,7 +111,7 @@ def test_export_refuses_non_empty_directory_unless_overwrite(tmp_path):
 
 
 def test_failed_export_leaves_no_directory(tmp_path, monkeypatch):
-    import checkpointing.export as export
+    import model.hf_dir as export
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

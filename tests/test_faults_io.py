@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
-import checkpointing.export as export
 import checkpointing.manifest as manifest
+import model.hf_dir as export
 from checkpointing.checkpointer import Checkpointer, CheckpointSaveError, committed_checkpoints
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from tests.fault_runs import COMMON, committed_steps, fault_env

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset.gene_tables import (
+from dataset.prepare.gene_tables import (
     build_column_map,
     load_medians,
     load_symbol_table,

@@ -14,7 +14,7 @@ import torch
 import transformers
 import yaml
 
-from bert_weights import stock_to_te_state_dict, to_stock_state_dict
+from model.bert_weights import stock_to_te_state_dict, to_stock_state_dict
 from modeling_bert_te import BertForMaskedLM, BertTEConfig, build_model, count_parameters
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -277,7 +277,7 @@ def test_filler_cells_round_packed_tokens_up_and_change_no_output():
 
 def test_filler_cells_are_no_longer_than_the_longest_cell():
     """Short cells get several short filler cells, so max_seqlen (the attention kernels' shape) stays put."""
-    from attention_layout import packed_layout
+    from model.attention_layout import packed_layout
 
     layout, positions = packed_layout(torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16)
     assert layout.cu_seqlens.tolist() == [0, 3, 5, 8, 11, 14, 16]
@@ -286,7 +286,7 @@ def test_filler_cells_are_no_longer_than_the_longest_cell():
 
 
 def test_host_side_boundaries_give_the_exact_longest_cell_and_are_checked_against_max_seqlen():
-    from attention_layout import packed_layout
+    from model.attention_layout import packed_layout
 
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     layout, _ = packed_layout(cu, 40, 5, torch.device("cpu"))  # an overstated max_seqlen widens no kernel
@@ -365,13 +365,13 @@ def test_initialization_follows_hf_bert():
 def test_te_name_mapping_round_trips_and_fuses_qkv_without_te():
     stock, ours = stock_pair()
     sd = {k: v for k, v in ours.state_dict().items() if k != "cls.predictions.decoder.weight"}
-    te_sd = stock_to_te_state_dict(sd, ours.config)
+    te_sd = stock_to_te_state_dict(sd)
     fused = te_sd["bert.encoder.layer.0.self_attention.qkv.weight"]
     assert fused.shape == (96, 32)
     assert torch.equal(fused[32:64], sd["bert.encoder.layer.0.attention.self.key.weight"])
     assert "bert.encoder.layer.1.layernorm_mlp.fc1_weight" in te_sd
     te_sd["bert.encoder.layer.0.self_attention.qkv._extra_state"] = torch.empty(0)
-    back = to_stock_state_dict(te_sd, ours.config)
+    back = to_stock_state_dict(te_sd)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 

@@ -1,6 +1,6 @@
 """Tokenizing raw counts: hand-worked rank-value encodings, readers, real counts, errors and atomic output.
 
-Each test reads as a promise to users of `python -m dataset.tokenize` / `tokenize_counts`.
+Each test reads as a promise to users of `python -m dataset.prepare.tokenize` / `tokenize_counts`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from dataset.gene_medians import NonzeroMedians
+from dataset.prepare.gene_medians import NonzeroMedians
+from dataset.prepare.tokenize import main, tokenize_counts
 from dataset.safe_pickle import UnsafePickleError
-from dataset.tokenize import main, tokenize_counts
 
 anndata = pytest.importorskip("anndata")
 
@@ -451,8 +451,8 @@ def test_command_line(tmp_path, tables, capsys):
 @pytest.mark.parametrize(("max_genes", "v2"), [(50, False), (50, True), (1000, False)])
 def test_ranking_rule_on_random_cells_with_ties_and_near_ties(max_genes, v2):
     """Value descending, exactly equal values by token id, also for values equal to ~1e-13 (and across chunks)."""
-    from dataset.gene_tables import GeneColumnMap
-    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+    from dataset.prepare.gene_tables import GeneColumnMap
+    from dataset.prepare.rank_value import aggregate_to_vocabulary, encode_chunk
 
     rng = np.random.default_rng(3)
     n_genes = 300
@@ -480,8 +480,8 @@ def test_ranking_rule_on_random_cells_with_ties_and_near_ties(max_genes, v2):
 
 def test_near_tie_at_the_truncation_point_keeps_the_larger_value():
     """Two values equal to 1e-13 straddle the cut: the larger one is kept even though its token id is higher."""
-    from dataset.gene_tables import GeneColumnMap
-    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+    from dataset.prepare.gene_tables import GeneColumnMap
+    from dataset.prepare.rank_value import aggregate_to_vocabulary, encode_chunk
 
     medians = np.array([1.0, 1.0 + 1e-13, 1.0])  # token 11's value is a hair below token 12's
     column_map = GeneColumnMap(target=np.arange(3), token_ids=np.array([10, 11, 12]), medians=medians,
@@ -495,8 +495,8 @@ def test_near_tie_at_the_truncation_point_keeps_the_larger_value():
 def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
     """The sort-key path and its exact fallbacks (ids that do not fit the key, values that overflow) against a
     plain sort of each cell, on float32 counts with many equal values."""
-    from dataset.gene_tables import GeneColumnMap
-    from dataset.rank_value import aggregate_to_vocabulary, encode_chunk
+    from dataset.prepare.gene_tables import GeneColumnMap
+    from dataset.prepare.rank_value import aggregate_to_vocabulary, encode_chunk
 
     rng = np.random.default_rng(7)
     n_columns, n_slots, max_genes = 60, 50, 30
@@ -534,7 +534,7 @@ def test_count_check_in_the_stored_dtype_agrees_with_float64(values, dtype):
     """Checking counts before the float64 copy accepts and rejects exactly what the float64 check does."""
     from types import SimpleNamespace
 
-    from dataset.tokenize import _check_counts
+    from dataset.prepare.tokenize import _check_counts
 
     with np.errstate(invalid="ignore"):
         stored = np.array(values, dtype=np.float64).astype(dtype)

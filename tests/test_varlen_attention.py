@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
-from varlen_attention import flash_varlen_attention, flash_varlen_supported, grid_attention
 
 NO_CUDA = not torch.cuda.is_available()
 LENGTHS = [5, 17, 1, 9]

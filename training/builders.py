@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from common.collectives import barrier
 from dataset.builtin_corpus import ensure_builtin_corpus
 from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
@@ -25,7 +26,7 @@ from dataset.split import split_indices
 from dataset.vocab import Vocabulary
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DataConfig, RunConfig
-from training.distributed import DistributedContext, barrier
+from training.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]

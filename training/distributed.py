@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun (NCCL and gloo on CUDA, gloo on CPU) and small collective helpers.
+"""Process-group setup for torchrun (NCCL and gloo on CUDA, gloo on CPU); the collectives are in common/.
 
 A plain `python train.py` runs as a world of one without any process group.
 """
@@ -64,25 +64,3 @@ def shutdown_distributed(wait_for_others: bool = True) -> None:
         if wait_for_others:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a no-op on a single process); returns a new tensor."""
-    value = value.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from `src` to every rank (identity on a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

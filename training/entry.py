@@ -14,27 +14,9 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from checkpointing.checkpointer import CheckpointSaveError, NoUsableCheckpointError
+from common.errors import USER_ERRORS
 from training.config import RunConfig, parse_config
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
-from training.step import NonFiniteLossError
-
-# Errors whose message already says what happened and what to do: reported as one line, exit code 2.
-# ImportError: an optional package a setting needs (torchao, Transformer Engine); the message names the setting.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError,
-               NoUsableCheckpointError, CheckpointSaveError)
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a plain command-line tool's `main`: a user error ends it with its one-line message and exit code 2,
-    as in the training jobs (RECIPE_DEBUG=1 keeps the traceback). `main` itself still raises, for callers."""
-    try:
-        main()
-    except USER_ERRORS as error:
-        if os.environ.get("RECIPE_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def setup_logging() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import all_reduce_sum
+from common.collectives import all_reduce_sum
 from training.step import move_batch
 
 _SUM_KEYS = ("tokens", "ce", "top1", "top5", "kl_to_ref", "agree_ref")

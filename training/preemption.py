@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from training.distributed import all_reduce_sum
+from common.collectives import all_reduce_sum
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

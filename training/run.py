@@ -16,12 +16,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from checkpointing.checkpointer import Checkpointer
-from checkpointing.export import export_model_dir
+from common.collectives import barrier
 from dataset.vocab import Vocabulary
+from model.hf_dir import export_model_dir
 from modeling_bert_te import BertTEConfig
 from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
-from training.distributed import DistributedContext, barrier
+from training.distributed import DistributedContext
 from training.evaluation import packed_kwargs
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.loop import LoopParts, LoopResult, run_loop

@@ -12,15 +12,16 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from attention_layout import host_to_device
-from training.distributed import all_reduce_sum
+from common.collectives import all_reduce_sum
+from common.errors import RecipeError
+from model.attention_layout import host_to_device
 from training.parallelize import no_gradient_sync
 
 # A task maps (model, batch) to summed loss terms over the batch's masked tokens; "loss" is what to minimise.
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RecipeError):
     """Loss or gradient norm became NaN/inf and the policy is to stop."""
 
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from bert_weights import normalize_stock_state_dict, to_stock_state_dict
-from modeling_bert_te import BertTEConfig
+from model.bert_weights import normalize_stock_state_dict, to_stock_state_dict
 
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
+    from modeling_bert_te import BertTEConfig
 
 # Stock transformers ties these on load; writing them too would show up as unexpected/duplicate keys.
 _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
@@ -28,8 +28,8 @@ _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 RECIPE_ONLY_FIELDS = ("use_te_layers", "fp8")
 
 
-def _stock_tensors(state_dict: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
-    sd = normalize_stock_state_dict(to_stock_state_dict(state_dict, config))
+def _stock_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = normalize_stock_state_dict(to_stock_state_dict(state_dict))
     out = {}
     for key, value in sd.items():
         if key in _TIED_KEYS:
@@ -76,7 +76,7 @@ def export_model_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, 
     if vocab is not None and vocab.size != config.vocab_size:
         raise ValueError(f"vocabulary has {vocab.size} tokens but the model config has vocab_size "
                          f"{config.vocab_size}; export with the vocabulary the model was trained on")
-    tensors = _stock_tensors(state_dict, config)
+    tensors = _stock_tensors(state_dict)
     config_dict = config.to_dict()
     for field in RECIPE_ONLY_FIELDS:
         config_dict.pop(field, None)

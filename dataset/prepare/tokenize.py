@@ -1,6 +1,6 @@
 """Tokenize raw single-cell counts into the corpus format: parquet shards of rank-value encoded cells.
 
-`python -m dataset.tokenize INPUT... --out DIR` or `tokenize_counts(...)`; writes shards, vocab.txt, manifest.json.
+`python -m dataset.prepare.tokenize INPUT... --out DIR` or `tokenize_counts(...)`; writes shards, vocab.txt, manifest.json.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from dataset.count_readers import CountSource, open_counts
-from dataset.gene_medians import NonzeroMedians
-from dataset.gene_tables import (
+from dataset.prepare.count_readers import CountSource, open_counts
+from dataset.prepare.gene_medians import NonzeroMedians
+from dataset.prepare.gene_tables import (
     GeneColumnMap,
     build_column_map,
     load_medians,
@@ -33,7 +33,7 @@ from dataset.gene_tables import (
     to_ensembl_ids,
     vocabulary_from_genes,
 )
-from dataset.rank_value import TIE_BREAK, aggregate_to_vocabulary, encode_chunk, normalized_values
+from dataset.prepare.rank_value import TIE_BREAK, aggregate_to_vocabulary, encode_chunk, normalized_values
 from dataset.vocab import CLS, EOS, Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
             "duplicate_columns_summed": int((m.target >= 0).sum()) - m.n_slots,
         })
     return {
-        "created_by": "python -m dataset.tokenize",
+        "created_by": "python -m dataset.prepare.tokenize",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(describe["started"])),
         "seconds": round(time.time() - describe["started"], 3),
         "inputs": [{"path": str(i.source.path.resolve()), "format": i.source.format, "matrix": i.source.matrix,
@@ -426,7 +426,7 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dataset.tokenize",
+        prog="python -m dataset.prepare.tokenize",
         description="Rank-value encode raw counts (.h5ad, .loom, cells x genes CSV/TSV) into parquet corpus shards.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5ad, .loom, .csv or .tsv (.gz ok) of raw counts")
     parser.add_argument("--out", required=True, help="output directory (created atomically)")

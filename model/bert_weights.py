@@ -99,7 +99,7 @@ def _stock_shapes(config: BertTEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# Stock per-layer name -> Transformer Engine TransformerLayer name (post-LN layout, see te_layers.py).
+# Stock per-layer name -> Transformer Engine TransformerLayer name (post-LN layout, see model/te_layers.py).
 _TE_RENAMES = {
     "attention.output.dense.weight": "self_attention.proj.weight",
     "attention.output.dense.bias": "self_attention.proj.bias",
@@ -126,7 +126,7 @@ def _layer_entries(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
         yield key, f"{_LAYER_PREFIX}{index}.", rest, value
 
 
-def stock_to_te_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
+def stock_to_te_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stock names -> TE layer names; q, k, v are concatenated into the fused `self_attention.qkv`."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -145,7 +145,7 @@ def stock_to_te_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) ->
     return out
 
 
-def to_stock_state_dict(sd: dict[str, torch.Tensor], config: BertTEConfig) -> dict[str, torch.Tensor]:
+def to_stock_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any of our state dicts (plain or TE layers) -> stock names; TE's FP8 `_extra_state` entries are dropped."""
     inverse = {te: stock for stock, te in _TE_RENAMES.items()}
     out: dict[str, torch.Tensor] = {}

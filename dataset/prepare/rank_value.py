@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from dataset.gene_tables import GeneColumnMap
+from dataset.prepare.gene_tables import GeneColumnMap
 
 TARGET_SUM = 10_000.0
 
