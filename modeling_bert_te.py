@@ -17,7 +17,8 @@ import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 
-from model.attention_layout import AttentionLayout, host_to_device, packed_layout, padded_layout, unpad
+from common.device import host_to_device
+from model.attention_layout import AttentionLayout, packed_layout, padded_layout, unpad
 from model.bert_weights import (
     TIED_DECODER_KEY,
     check_against_config,

@@ -27,6 +27,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
+from common.device import move_batch  # noqa: E402
 from dataset.builtin_corpus import ensure_builtin_corpus  # noqa: E402
 from dataset.collator import MLMCollator  # noqa: E402
 from dataset.corpus import CellCorpus  # noqa: E402
@@ -41,7 +42,7 @@ from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te
 from training.optim import build_optimizer  # noqa: E402
 from training.parallelize import compile_layers  # noqa: E402
 from training.run import masked_lm_loss  # noqa: E402
-from training.step import move_batch, train_step  # noqa: E402
+from training.step import train_step  # noqa: E402
 from training.throughput import peak_flops, peak_memory_mb, train_flops_per_token  # noqa: E402
 
 GPU = torch.device("cuda")  # `--smoke-cpu` swaps in the CPU to check the script itself on a tiny run

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from training.step import move_batch
+from common.device import move_batch
 
 
 @dataclass

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from common.collectives import all_reduce_sum
-from training.step import move_batch
+from common.device import move_batch
 
 
 def classification_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

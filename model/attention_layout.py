@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.device import host_to_device
+
 
 @dataclass
 class AttentionLayout:
@@ -30,14 +32,6 @@ def padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     if attention_mask is not None and not bool(attention_mask.all()):
         layout.key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)[:, None, None, :]
     return layout, torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-
-
-def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device` without waiting for it: a copy from pinned memory is queued on the stream, where one
-    from pageable memory may first wait for the GPU to finish its queued work."""
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int | None) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.device import move_batch
 from dataset.collator import MLMCollator
 from dataset.vocab import Vocabulary
 from distillation.losses import masked_mean
@@ -17,7 +18,6 @@ from distillation.task import DistillationLoss, StudentWithProjections, default_
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DistillConfig
 from training.evaluation import packed_kwargs
-from training.step import move_batch
 
 VOCAB = Vocabulary.synthetic(64)
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.collectives import all_reduce_sum
-from training.step import move_batch
+from common.device import move_batch
 
 _SUM_KEYS = ("tokens", "ce", "top1", "top5", "kl_to_ref", "agree_ref")
 

@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from common.collectives import all_reduce_sum
+from common.device import move_batch
 from common.errors import RecipeError
-from model.attention_layout import host_to_device
 from training.parallelize import no_gradient_sync
 
 # A task maps (model, batch) to summed loss terms over the batch's masked tokens; "loss" is what to minimise.
@@ -23,11 +23,6 @@ LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 class NonFiniteLossError(RecipeError):
     """Loss or gradient norm became NaN/inf and the policy is to stop."""
-
-
-def move_batch(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device`, copied without making the host wait (see host_to_device)."""
-    return {k: host_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def count_masked(micro_batches: list[dict]) -> int:
