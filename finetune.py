@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from finetuning.data import build_classification_data
 from finetuning.export import export_classifier_dir
-from finetuning.model import BertForCellClassification
 from finetuning.task import classification_loss, classification_metrics
+from model.classifier import BertForCellClassification
 from modeling_bert_te import BertTEConfig
 from training.config import RunConfig
 from training.distributed import DistributedContext

@@ -30,8 +30,8 @@ from dataset.split import split_indices  # noqa: E402
 from dataset.vocab import Vocabulary  # noqa: E402
 from finetune import cell_max_length  # noqa: E402
 from finetuning.data import build_classification_data  # noqa: E402
-from finetuning.model import BertForCellClassification, ClassifierOutput  # noqa: E402
 from finetuning.task import classification_metrics  # noqa: E402
+from model.classifier import BertForCellClassification, ClassifierOutput  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 from serving.export_onnx import ExportReport, export_model, run_session, session  # noqa: E402
 from training.builders import fixed_eval_batches  # noqa: E402

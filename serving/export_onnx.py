@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from common.errors import run_cli
-from finetuning.model import BertForCellClassification
+from model.classifier import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
 
 if TYPE_CHECKING:

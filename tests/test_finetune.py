@@ -16,8 +16,8 @@ from sklearn.metrics import f1_score
 from dataset.vocab import Vocabulary
 from finetuning.data import ClassificationCollator, LabelledCells
 from finetuning.labels import UNLABELLED, CellLabels, stratified_split
-from finetuning.model import BertForCellClassification
 from finetuning.task import scores_from_confusion
+from model.classifier import BertForCellClassification
 from tests.launch import run_entry, train_losses
 
 # Enough steps and cells per batch for a tiny model to separate the corpus's 8 cell types (chance: 1/8).

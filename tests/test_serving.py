@@ -18,7 +18,7 @@ import onnx  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 from finetuning.export import export_classifier_dir  # noqa: E402
-from finetuning.model import BertForCellClassification  # noqa: E402
+from model.classifier import BertForCellClassification  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
 from serving.export_onnx import (  # noqa: E402
     example_inputs,
