@@ -39,10 +39,9 @@ class BertTEConfig(transformers.BertConfig):
 
     model_type = "bert"
 
-    def __init__(self, use_te_layers: bool = False, fp8: bool = False, **kwargs: Any) -> None:
+    def __init__(self, use_te_layers: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.use_te_layers = bool(use_te_layers)
-        self.fp8 = bool(fp8)  # reserved: FP8 recipes are chosen by the training loop, not the model
         self.validate()
 
     def validate(self) -> None:
@@ -423,17 +422,6 @@ class BertForMaskedLM(nn.Module):
         if bad_missing or result.unexpected_keys:
             raise ValueError(f"{source}: could not load {bad_missing} / unexpected {result.unexpected_keys}")
         self.tie_weights()
-
-
-def build_model(cfg: BertTEConfig | dict | Any) -> BertForMaskedLM:
-    """Model from a BertTEConfig, a dict or an omegaconf node of BertTEConfig fields (hydra_config/model/*.yaml)."""
-    if isinstance(cfg, BertTEConfig):
-        return BertForMaskedLM(cfg)
-    if not isinstance(cfg, dict):
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return BertForMaskedLM(BertTEConfig(**cfg))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,18 +15,18 @@ from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
 from dataset.sampler import TokenBudgetSampler
 
-# One unit of work: (epoch, global batch index, global position after it, corpus indices).
-Task = tuple[int, int, int, np.ndarray]
+# One micro-batch to read: (epoch, global batch index, global position after it, corpus indices).
+BatchSpec = tuple[int, int, int, np.ndarray]
 
 
-class _CollateTask:
-    """Map-style 'dataset' whose items are tasks: reads the cells of one micro-batch and collates them."""
+class _BatchReader:
+    """Map-style 'dataset' whose items are batch specs: reads the cells of one micro-batch and collates them."""
 
     def __init__(self, corpus: CellCorpus, collator: MLMCollator, rank: int) -> None:
         self.corpus, self.collator, self.rank = corpus, collator, rank
 
-    def __getitem__(self, task: Task) -> dict:
-        epoch, batch_index, next_position, indices = task
+    def __getitem__(self, spec: BatchSpec) -> dict:
+        epoch, batch_index, next_position, indices = spec
         batch = self.collator(self.corpus.get_many(indices), epoch=epoch, batch_index=batch_index, rank=self.rank)
         batch["cell_index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         batch["epoch"], batch["batch_index"] = epoch, batch_index
@@ -64,7 +64,7 @@ class CellBatchLoader:
         self._epoch, self._position = sampler.epoch, sampler.global_position
         self._iterator: Iterator[dict] | None = None
 
-    def _tasks(self, epoch: int, start: int, endless: bool) -> Iterator[Task]:
+    def _tasks(self, epoch: int, start: int, endless: bool) -> Iterator[BatchSpec]:
         ws = self.sampler.world_size
         while True:
             self.sampler.set_epoch(epoch)
@@ -74,8 +74,8 @@ class CellBatchLoader:
                 return
             epoch, start = epoch + 1, 0
 
-    def _batches(self, tasks: Iterable[Task]) -> Iterator[dict]:
-        work = _CollateTask(self.corpus, self.collator, self.rank)
+    def _batches(self, tasks: Iterable[BatchSpec]) -> Iterator[dict]:
+        work = _BatchReader(self.corpus, self.collator, self.rank)
         if self.num_workers == 0:
             return (work[t] for t in tasks)
         return iter(DataLoader(
@@ -112,9 +112,7 @@ class CellBatchLoader:
             batch.pop("_next_position")
             yield batch
 
-    def _finite_tasks(self, epoch: int) -> Iterator[Task]:
+    def _finite_tasks(self, epoch: int) -> Iterator[BatchSpec]:
         ws = self.sampler.world_size
         for g, indices in self.sampler.rank_batches(epoch, 0):
             yield epoch, g, g - self.rank + ws, indices
-
-    iterate_once = epoch_batches

@@ -110,10 +110,6 @@ class TokenBudgetSampler:
         """Micro-batches per rank in a full epoch (the same on every rank)."""
         return self._usable(self.epoch) // self.world_size
 
-    def remaining(self) -> int:
-        """Micro-batches this rank still gets in the current epoch."""
-        return max(0, self._usable(self.epoch) - self.global_position) // self.world_size
-
     def set_epoch(self, epoch: int) -> None:
         """Moving to another epoch restarts at its beginning; the same epoch keeps a restored position."""
         if epoch != self.epoch:

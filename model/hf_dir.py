@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Config fields only this recipe knows; stock transformers would carry them along harmlessly, but a clean
 # config.json keeps the export indistinguishable from a stock BertForMaskedLM directory.
-RECIPE_ONLY_FIELDS = ("use_te_layers", "fp8")
+RECIPE_ONLY_FIELDS = ("use_te_layers",)
 
 
 def _stock_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

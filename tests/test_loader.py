@@ -81,7 +81,7 @@ def test_heldout_pass_is_finite_and_masks_are_fixed(corpus):
     _, heldout = split_indices(len(corpus), 0.2, seed=0)
     loader = make_loader(corpus, indices=heldout, shuffle=False)
     first = list(loader.epoch_batches())
-    second = list(loader.iterate_once())
+    second = list(loader.epoch_batches())
     assert len(first) == len(loader.sampler) > 0
     assert all(same(a, b) for a, b in zip(first, second, strict=True))
     assert sorted(i for b in first for i in b["cell_index"].tolist()) == heldout.tolist()

@@ -47,8 +47,10 @@ class Task:
     export_config: BertTEConfig
     export_prefix: str = ""  # prefix of the exported model's keys inside `trainable` (e.g. "student.")
     meta: dict = field(default_factory=dict)  # recorded in every checkpoint's manifest
-    # Writes the exported directory from full weights; None = a stock BertForMaskedLM directory.
-    export: Callable[[dict[str, torch.Tensor], BertTEConfig, Path, Vocabulary], Path] | None = None
+    # Writes the exported directory from full weights: a stock BertForMaskedLM directory unless a job says else.
+    export: Callable[[dict[str, torch.Tensor], BertTEConfig, Path, Vocabulary], Path] = field(
+        default=lambda weights, config, out_dir, vocab: export_model_dir(weights, config, out_dir, vocab,
+                                                                        overwrite=True))
 
 
 def _flops_per_token(config: BertTEConfig, data: DataBundle) -> float:
@@ -107,10 +109,7 @@ def export_trained_model(model: nn.Module, task: Task, data: DataBundle, out_dir
     if ctx.is_main:
         prefix = task.export_prefix
         weights = {k[len(prefix):]: v.float() for k, v in full.items() if k.startswith(prefix)}
-        if task.export is not None:
-            task.export(weights, task.export_config, out_dir, data.vocab)
-        else:
-            export_model_dir(weights, task.export_config, out_dir, data.vocab, overwrite=True)
+        task.export(weights, task.export_config, out_dir, data.vocab)
         log.info("exported %s", out_dir)
     barrier()
     return out_dir
