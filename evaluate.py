@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.collectives import barrier
 from common.errors import run_cli
 from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
@@ -119,12 +118,8 @@ def fixed_batches(corpus: CellCorpus, vocab: Vocabulary, cells: np.ndarray, args
 
 def open_corpus(path: Path, args: argparse.Namespace, max_length: int, vocab_size: int,
                 ctx: DistributedContext) -> CellCorpus:
-    # Rank 0 builds the corpus index first; the others then open the finished one.
-    corpus = None
-    if ctx.is_main:
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=args.cache_dir)
-    barrier()
-    return corpus or CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=args.cache_dir)
+    return CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
+                                        cache_dir=args.cache_dir)
 
 
 def gather_embeddings(local: CellEmbeddings, ctx: DistributedContext) -> CellEmbeddings | None:

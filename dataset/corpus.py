@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.collectives import barrier
+
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
@@ -37,6 +39,15 @@ class CellCorpus:
     under `cache_dir`; later opens reuse it until a source file's size or mtime changes. Cells are read
     with positional reads, so the page cache is shared between processes and process memory stays flat.
     """
+
+    @classmethod
+    def open_on_all_ranks(cls, path: str | os.PathLike, *, is_main: bool, vocab_size: int, max_length: int,
+                          cache_dir: str | os.PathLike | None = None) -> CellCorpus:
+        """Rank 0 prepares the index first; the other ranks then open the finished one instead of racing it."""
+        kwargs = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cache_dir)
+        corpus = cls(path, **kwargs) if is_main else None
+        barrier()
+        return corpus if corpus is not None else cls(path, **kwargs)
 
     def __init__(
         self,

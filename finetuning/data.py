@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.collectives import barrier
 from dataset.corpus import CellCorpus
 from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
@@ -66,12 +65,8 @@ def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_
                          "token); set data.packed=false")
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
-    corpus = None
-    if ctx.is_main:  # rank 0 prepares the corpus index; the others then open the finished one
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
-    barrier()
-    if corpus is None:
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
+    corpus = CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
+                                          cache_dir=cfg.cache_dir)
     column = run.finetune.label_column
     if column not in corpus.column_names:
         raise ValueError(f"config 'finetune.label_column': {path} has no column '{column}'; "
