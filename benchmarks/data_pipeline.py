@@ -1,6 +1,6 @@
 """Data pipeline benchmark: padding share, collated-batch throughput, memory and index time at scale.
 
-Run: python benchmarks/data_pipeline.py [--cells 1000000] [--workdir /tmp/data_bench] (--cells 0 skips scale).
+Run: python -m benchmarks.data_pipeline [--cells 1000000] [--workdir /tmp/data_bench] (--cells 0 skips scale).
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.builtin_corpus import write_builtin_corpus  # noqa: E402
-from dataset.collator import MLMCollator  # noqa: E402
-from dataset.corpus import CellCorpus  # noqa: E402
-from dataset.loader import CellBatchLoader  # noqa: E402
-from dataset.sampler import TokenBudgetSampler  # noqa: E402
-from dataset.vocab import Vocabulary  # noqa: E402
+from dataset.builtin_corpus import write_builtin_corpus
+from dataset.collator import MLMCollator
+from dataset.corpus import CellCorpus
+from dataset.loader import CellBatchLoader
+from dataset.sampler import TokenBudgetSampler
+from dataset.vocab import Vocabulary
 
 
 def rss_mb() -> float:
@@ -83,7 +81,7 @@ def scale(n_cells: int, workdir: Path, max_tokens: int, vocab: Vocabulary) -> No
     print(f"scale  index preparation for {len(corpus)} cells / {tokens / 1e6:.0f}M tokens on one core: "
           f"{index_s:.1f} s (target <= 60 s)")
     # Memory in a fresh process that opens the prepared index: index building leaves freed memory behind here.
-    subprocess.run([sys.executable, __file__, "--epoch-rss", str(data), "--workdir", str(workdir),
+    subprocess.run([sys.executable, "-m", "benchmarks.data_pipeline", "--epoch-rss", str(data), "--workdir", str(workdir),
                     "--max-tokens", str(max_tokens)], check=True)
 
 

@@ -1,6 +1,6 @@
 """Distilled student vs the same student trained with masked-LM alone, at the same budget, on the built-in corpus.
 
-Run: python benchmarks/distill_quality.py [--steps 300] [--max-tokens 4096] [--distill-override distill.temperature=4]
+Run: python -m benchmarks.distill_quality [--steps 300] [--max-tokens 4096] [--distill-override distill.temperature=4]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time of one distillation step (10m-shaped teacher, 4m student) on CPU: the recipe's vs a naive full-logits one.
 
-Run: python benchmarks/distill_step.py [--max-tokens 8192] [--max-length 2048] [--batches 4] [--repeats 3]
+Run: python -m benchmarks.distill_step [--max-tokens 8192] [--max-length 2048] [--batches 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -17,21 +16,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+from dataset.builtin_corpus import ensure_builtin_corpus
+from dataset.collator import MLMCollator
+from dataset.corpus import CellCorpus
+from dataset.loader import CellBatchLoader
+from dataset.sampler import TokenBudgetSampler
+from dataset.vocab import Vocabulary
+from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
+from training.builders import model_config_by_name
+from training.config import DistillConfig, TrainingConfig
+from training.optim import build_optimizer
+from training.step import train_step
 
-from dataset.builtin_corpus import ensure_builtin_corpus  # noqa: E402
-from dataset.collator import MLMCollator  # noqa: E402
-from dataset.corpus import CellCorpus  # noqa: E402
-from dataset.loader import CellBatchLoader  # noqa: E402
-from dataset.sampler import TokenBudgetSampler  # noqa: E402
-from dataset.vocab import Vocabulary  # noqa: E402
-from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
-from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
-from training.builders import model_config_by_name  # noqa: E402
-from training.config import DistillConfig, TrainingConfig  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.step import train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
 

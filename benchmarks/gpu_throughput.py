@@ -1,7 +1,7 @@
 """One GPU, one process: real (unpadded) tokens/s, step time, peak memory and MFU of the usual recipe's baseline
 and of ours in each mode, for 10m pretraining, 10m -> 4m distillation and 106m bf16 vs FP8, on the built-in corpus.
 
-Run: python benchmarks/gpu_throughput.py [--steps 30] [--warmup 8] [--parts pretrain,distill,106m] [--json out.json]
+Run: python -m benchmarks.gpu_throughput [--steps 30] [--warmup 8] [--parts pretrain,distill,106m] [--json out.json]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import json
 import platform
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -24,26 +23,25 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+from common.device import move_batch
+from dataset.builtin_corpus import ensure_builtin_corpus
+from dataset.collator import MLMCollator
+from dataset.corpus import CellCorpus
+from dataset.loader import CellBatchLoader
+from dataset.sampler import TokenBudgetSampler
+from dataset.vocab import Vocabulary
+from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
+from training.builders import model_config_by_name
+from training.config import DistillConfig, TrainingConfig, fp8_alignment
+from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
+from training.optim import build_optimizer
+from training.parallelize import compile_layers
+from training.run import masked_lm_loss
+from training.step import train_step
+from training.throughput import peak_flops, peak_memory_mb, train_flops_per_token
 
-from common.device import move_batch  # noqa: E402
-from dataset.builtin_corpus import ensure_builtin_corpus  # noqa: E402
-from dataset.collator import MLMCollator  # noqa: E402
-from dataset.corpus import CellCorpus  # noqa: E402
-from dataset.loader import CellBatchLoader  # noqa: E402
-from dataset.sampler import TokenBudgetSampler  # noqa: E402
-from dataset.vocab import Vocabulary  # noqa: E402
-from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
-from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
-from training.builders import model_config_by_name  # noqa: E402
-from training.config import DistillConfig, TrainingConfig, fp8_alignment  # noqa: E402
-from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.parallelize import compile_layers  # noqa: E402
-from training.run import masked_lm_loss  # noqa: E402
-from training.step import train_step  # noqa: E402
-from training.throughput import peak_flops, peak_memory_mb, train_flops_per_token  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GPU = torch.device("cuda")  # `--smoke-cpu` swaps in the CPU to check the script itself on a tiny run
 BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)

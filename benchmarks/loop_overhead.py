@@ -1,6 +1,6 @@
 """Overhead of the training loop beyond forward/backward/optimizer step, at the l0_sanity config on CPU.
 
-Run: python benchmarks/loop_overhead.py [--steps 60] [--repeats 3] [--config l0_sanity] [override ...]
+Run: python -m benchmarks.loop_overhead [--steps 60] [--repeats 3] [--config l0_sanity] [override ...]
 """
 
 from __future__ import annotations
@@ -9,24 +9,22 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+import training.loop
+import training.run
+import training.step
+from training.config import RunConfig, parse_config
+from training.distributed import init_distributed
+from training.loop import run_loop
+from training.pretrain import pretrain
+from training.step import LossFn, count_masked, train_step
 
-import training.loop  # noqa: E402
-import training.run  # noqa: E402
-import training.step  # noqa: E402
-from training.config import RunConfig, parse_config  # noqa: E402
-from training.distributed import init_distributed  # noqa: E402
-from training.loop import run_loop  # noqa: E402
-from training.pretrain import pretrain  # noqa: E402
-from training.step import LossFn, count_masked, train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_run(config_name: str, overrides: list[str]) -> RunConfig:

@@ -1,6 +1,6 @@
 """Time and memory of one forward+backward of the 10m model: ours (masked-only head) vs stock transformers (full logits).
 
-Run: python benchmarks/model_forward_backward.py [--repeats 7] [--cells 8] [--seq-len 512]
+Run: python -m benchmarks.model_forward_backward [--repeats 7] [--cells 8] [--seq-len 512]
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 import gc
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +17,9 @@ import torch
 import transformers
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
-from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "hydra_config" / "model" / "10m.yaml"
 Step = Callable[[torch.nn.Module, dict], None]  # forward + backward of one model on one batch

@@ -1,24 +1,19 @@
 """Where the time of one pretraining step goes on a GPU: torch.profiler's kernel table for one of our modes.
 
-Run: python benchmarks/profile_step.py [--model 106m] [--mode "fp8 +packing +compile"] [--steps 5] [--top 30]
+Run: python -m benchmarks.profile_step [--model 106m] [--mode "fp8 +packing +compile"] [--steps 5] [--top 30]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import gpu_throughput as bench  # noqa: E402
-
-from training.config import TrainingConfig  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.run import masked_lm_loss  # noqa: E402
+from benchmarks import gpu_throughput as bench
+from training.config import TrainingConfig
+from training.optim import build_optimizer
+from training.run import masked_lm_loss
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Small serving on CPU: cells/s and file size as fp32 PyTorch, ONNX fp32 and ONNX INT8 (dynamic) of a student
 (INT8 loss on held-out masked-LM cells, fixed masks) and of a fine-tuned classifier (INT8 loss on finetune's split).
 
-Run: python benchmarks/serving.py MODEL_DIR [--classifier DIR] [--max-length 512] [--cells 80] [--threads 2]
+Run: python -m benchmarks.serving MODEL_DIR [--classifier DIR] [--max-length 512] [--cells 80] [--threads 2]
 (without MODEL_DIR it trains a 2m student with `train.py --config-name l0_sanity` first; without --classifier it
 fine-tunes one with `finetune.py --config-name l0_sanity`; --no-classifier skips that part).
 """
@@ -20,23 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset.builtin_corpus import ensure_builtin_corpus
+from dataset.collator import MLMCollator
+from dataset.corpus import CellCorpus
+from dataset.split import split_indices
+from dataset.vocab import Vocabulary
+from finetune import cell_max_length
+from finetuning.data import build_classification_data
+from finetuning.task import classification_metrics
+from model.classifier import BertForCellClassification, ClassifierOutput
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
+from serving.export_onnx import ExportReport, export_model, run_session, session
+from training.builders import fixed_eval_batches
+from training.config import RunConfig, parse_config
+from training.distributed import DistributedContext
 
-from dataset.builtin_corpus import ensure_builtin_corpus  # noqa: E402
-from dataset.collator import MLMCollator  # noqa: E402
-from dataset.corpus import CellCorpus  # noqa: E402
-from dataset.split import split_indices  # noqa: E402
-from dataset.vocab import Vocabulary  # noqa: E402
-from finetune import cell_max_length  # noqa: E402
-from finetuning.data import build_classification_data  # noqa: E402
-from finetuning.task import classification_metrics  # noqa: E402
-from model.classifier import BertForCellClassification, ClassifierOutput  # noqa: E402
-from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
-from serving.export_onnx import ExportReport, export_model, run_session, session  # noqa: E402
-from training.builders import fixed_eval_batches  # noqa: E402
-from training.config import RunConfig, parse_config  # noqa: E402
-from training.distributed import DistributedContext  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_quietly(cmd: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Tokenizer throughput (cells/s on one core) and peak memory against chunk size, on a synthetic .h5ad.
 
-`python benchmarks/tokenize_throughput.py --cells 20000 --genes 20000 --chunk-sizes 256,1024,4096`
+`python -m benchmarks.tokenize_throughput --cells 20000 --genes 20000 --chunk-sizes 256,1024,4096`
 """
 
 from __future__ import annotations
