@@ -32,7 +32,7 @@ from training.builders import (
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
-from training.evaluation import format_side_by_side
+from training.masked_lm_metrics import format_side_by_side
 from training.parallelize import compile_layers, compute_dtype
 from training.pretrain import pretrain
 from training.run import Task, run_training

@@ -34,7 +34,7 @@ from modeling_bert_te import BertForMaskedLM, count_parameters
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
-from training.evaluation import format_side_by_side, masked_lm_metrics
+from training.masked_lm_metrics import format_side_by_side, masked_lm_metrics
 from training.plots import plot_training_curves
 
 log = logging.getLogger("evaluate")

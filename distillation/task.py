@@ -11,7 +11,7 @@ from torch import nn
 from distillation.losses import hidden_mse_mean, kd_kl_sum, relation_kl_mean, token_mask
 from modeling_bert_te import BertForMaskedLM
 from training.config import DistillConfig
-from training.evaluation import masked_lm_metrics, packed_kwargs
+from training.masked_lm_metrics import masked_lm_metrics, packed_kwargs
 from training.parallelize import unwrap
 
 

@@ -17,7 +17,7 @@ from distillation.losses import masked_mean
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DistillConfig
-from training.evaluation import packed_kwargs
+from training.masked_lm_metrics import packed_kwargs
 
 VOCAB = Vocabulary.synthetic(64)
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -12,8 +12,8 @@ from torch import nn
 from training.builders import build_data, build_model, model_config_from_dict
 from training.config import RunConfig
 from training.distributed import DistributedContext
-from training.evaluation import masked_lm_metrics
 from training.loop import LoopResult
+from training.masked_lm_metrics import masked_lm_metrics
 from training.parallelize import unwrap
 from training.run import Task, masked_lm_loss, run_training
 

@@ -23,9 +23,9 @@ from modeling_bert_te import BertTEConfig
 from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext
-from training.evaluation import packed_kwargs
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.loop import LoopParts, LoopResult, run_loop
+from training.masked_lm_metrics import packed_kwargs
 from training.metrics_log import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallelize import compute_dtype, parallelize
