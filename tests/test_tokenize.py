@@ -93,7 +93,9 @@ def test_v1_encoding_worked_by_hand(tmp_path, tables):
     assert pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("input_ids").type.value_type == "int64"
     assert (tmp_path / "out" / "vocab.txt").read_text().split() == ["<pad>", "<mask>", *VOCAB_GENES]
     assert manifest["cells"] == {"read": 4, "kept": 3, "filtered_min_counts": 0, "filtered_min_genes": 0,
-                                 "no_vocabulary_genes": 1, "truncated": 0, "non_integer": 0}
+                                 "no_vocabulary_genes": 1, "truncated": 0, "non_integer": 0,
+                                 "rounded_near_integer": 0}
+    assert frame["cell_id"].tolist() == ["cell0", "cell2", "cell3"]  # the obs index, always kept
     genes = manifest["genes"][0]
     assert (genes["columns"], genes["columns_in_vocabulary"], genes["vocabulary_genes_present"]) == (6, 5, 4)
     assert genes["duplicate_columns_summed"] == 1
@@ -326,7 +328,7 @@ def test_real_counts_with_computed_medians_and_v2_layout(tmp_path, celltypist_co
     cells = frame.iloc[:16]
     cells.loc[:, cells.sum(axis=0) > 0].to_csv(tmp_path / "real.csv")  # all-zero genes change nothing
     manifest = tokenize_counts(tmp_path / "real.csv", tmp_path / "out", gene_names=names, compute_medians=True,
-                               layout="v2", obs_columns=[frame.index.name or "cell_id"])
+                               layout="v2")
     ids = _ids(_read(tmp_path / "out"))
     vocab = (tmp_path / "out" / "vocab.txt").read_text().split()
     assert vocab[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"]
