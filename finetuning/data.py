@@ -67,11 +67,12 @@ def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
     corpus = None
+    options = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
     if ctx.is_main:  # rank 0 prepares the corpus index; the others then open the finished one
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
+        corpus = CellCorpus(path, **options)
     barrier()
     if corpus is None:
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
+        corpus = CellCorpus(path, **options)
     column = run.finetune.label_column
     if column not in corpus.column_names:
         raise ValueError(f"config 'finetune.label_column': {path} has no column '{column}'; "

@@ -94,11 +94,12 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
     vocab = resolve_vocab(cfg, path, vocab_size)
     # Rank 0 prepares the corpus index first; the others then open the finished one.
     corpus = None
+    options = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
     if ctx.is_main:
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
+        corpus = CellCorpus(path, **options)
     barrier()
     if corpus is None:
-        corpus = CellCorpus(path, vocab_size=vocab_size, max_length=max_length, cache_dir=cfg.cache_dir)
+        corpus = CellCorpus(path, **options)
     train_idx, heldout_idx = split_indices(len(corpus), cfg.heldout_fraction, run.seed)
     eval_cells = heldout_idx[: run.eval.max_cells]
     sampler_args = dict(max_tokens=cfg.max_tokens, max_cells=cfg.max_cells, rank=ctx.rank,
