@@ -77,7 +77,7 @@ class CellCorpus:
         self.n_truncated = int(np.count_nonzero(self.full_lengths > self.max_length))
         if self.n_truncated:
             log.warning(
-                "%s: %d of %d cells are longer than max_length=%d and are cut to %d tokens%s",
+                "%s: %d of %d cells are longer than max_length=%d and are truncated to %d tokens%s",
                 self.path, self.n_truncated, len(self), self.max_length, self.max_length,
                 " (cells wrapped in <cls> ... <eos> keep both; genes are cut in between)" if ends else "",
             )

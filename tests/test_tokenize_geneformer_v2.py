@@ -43,19 +43,24 @@ def _trusted_pickle(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cells() -> pd.DataFrame:
-    """Real counts as stored (float noise included), genes renamed to their first GENCODE v44 Ensembl id."""
-    matrix, names = _celltypist_file("sample_cell_by_gene.csv"), _celltypist_file("GENCODEv44_Gene_id2name.csv")
-    if matrix is None or names is None:
+def symbol_cells() -> pd.DataFrame:
+    """Real counts as stored (float noise included), genes named by symbol as in the sample."""
+    matrix = _celltypist_file("sample_cell_by_gene.csv")
+    if matrix is None or _celltypist_file("GENCODEv44_Gene_id2name.csv") is None:
         pytest.skip("celltypist sample counts not installed (pip install --no-deps celltypist)")
     if not (V2 / "ensembl_mapping_dict_gc104M.pkl").is_file():
         pytest.skip(f"Geneformer V2 dictionaries not found under {V2}")
+    return pd.read_csv(matrix, index_col=0, nrows=N_CELLS)
+
+
+@pytest.fixture(scope="module")
+def cells(symbol_cells) -> pd.DataFrame:
+    """The same counts with genes renamed to their first GENCODE v44 Ensembl id."""
     first_id: dict[str, str] = {}
-    with names.open() as handle:
+    with _celltypist_file("GENCODEv44_Gene_id2name.csv").open() as handle:
         for gene_id, symbol in csv.reader(handle):
             first_id.setdefault(symbol, gene_id.split(".")[0])
-    frame = pd.read_csv(matrix, index_col=0, nrows=N_CELLS)
-    frame = frame.loc[:, [s in first_id for s in frame.columns]]
+    frame = symbol_cells.loc[:, [s in first_id for s in symbol_cells.columns]]
     frame.columns = [first_id[s] for s in frame.columns]
     return frame
 
@@ -126,6 +131,14 @@ def test_alternate_ensembl_ids_reach_the_v2_vocabulary_through_the_gene_mapping(
     matr3 = int(token_of[MATR3])
     assert sum(matr3 in cell for cell in mapped) > 0
     assert not any(matr3 in cell for cell in plain)
+
+
+def test_gene_symbols_go_through_the_same_gene_mapping(tmp_path, symbol_cells):
+    frame = symbol_cells.iloc[:30]
+    manifest = _tokenize_v2(_h5ad(frame, tmp_path / "symbols.h5ad"), tmp_path / "out",
+                            gene_mapping=V2 / "ensembl_mapping_dict_gc104M.pkl")
+    assert _ids(tmp_path / "out") == _published_v2_encoding(frame)
+    assert manifest["genes"][0]["mapped_to_ensembl"] > 0.5 * len(frame.columns)
 
 
 def test_truncated_v2_cells_keep_cls_and_eos_in_the_tokenizer_and_the_corpus_reader(tmp_path, cells, caplog):
