@@ -12,8 +12,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from dataset.vocab import Vocabulary
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
-from tests.launch import REPO
+from tests.launch import REPO, run_entry
 from training.config import parse_config
 
 V2 = REPO.parent / "shared" / "data" / "geneformer" / "V2"
@@ -57,3 +58,19 @@ def test_v2_students_are_the_v1_student_bodies_with_the_v2_vocabulary_and_positi
         students = [BertForMaskedLM(BertTEConfig(**r.model)) for r in (run, v1)]
     # Fewer vocabulary rows (20,275 vs 25,426), twice the positions: the first outweighs the second.
     assert _parameters(students[0]) < _parameters(students[1])
+
+
+@pytest.mark.slow
+def test_v1_cells_with_a_v2_teacher_are_refused_before_any_step(tmp_path):
+    if not (V2 / "token_dictionary_gc104M.pkl").is_file():
+        pytest.skip(f"Geneformer V2 token dictionary not found under {V2}")
+    vocab = Vocabulary.load(V2 / "token_dictionary_gc104M.pkl")
+    teacher = BertTEConfig(vocab_size=vocab.size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, hidden_act="relu", max_position_embeddings=4096)
+    BertForMaskedLM(teacher).save_pretrained(tmp_path / "teacher", vocab)
+    overrides = [f"distill.teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'out'}",
+                 "--config-name", "v2_4m"]  # hydra takes the option after the overrides; data: the built-in V1 cells
+    result = run_entry("distill.py", overrides, tmp=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "25426 tokens but the model has vocab_size 20275" in result.stderr
+    assert not list((tmp_path / "out").glob("checkpoints/*")) and not (tmp_path / "out" / "final_model").exists()
