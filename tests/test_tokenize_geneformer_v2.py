@@ -155,6 +155,8 @@ def test_truncated_v2_cells_keep_cls_and_eos_in_the_tokenizer_and_the_corpus_rea
     # The top 510 genes, between <cls> and <eos>: the same cells as the full encoding, cut in the middle.
     assert short == [cell if len(cell) <= 512 else [*cell[:511], cell[-1]] for cell in full]
     assert all(cell[0] == 2 and cell[-1] == 3 for cell in short)
+    with pytest.raises(ValueError, match="--max-length 2 leaves no gene"):  # <cls> and <eos> alone
+        _tokenize_v2(source, tmp_path / "none", gene_mapping=mapping, max_length=2)
 
     vocab = Vocabulary.load(tmp_path / "full" / "vocab.txt")
     caplog.clear()

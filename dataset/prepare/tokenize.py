@@ -39,7 +39,7 @@ from dataset.vocab import CLS, EOS, Vocabulary
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = {"v1": 2048, "v2": 4096}  # tokens per cell; V2 cells are <cls>, up to 4,094 genes, <eos>
+LAYOUTS = {"v1": 2048, "v2": 4094}  # genes per cell; V2 adds <cls> and <eos> for 4,096 tokens
 RESERVED_COLUMNS = ("input_ids", "length", CELL_ID)
 NEAR_INTEGER = 1e-6  # counts this close to an integer are float noise of a pipeline (0.999999999999999): rounded
 # Token ids are near-random 15-bit numbers: delta + bit packing (a long-standing Parquet encoding every reader
@@ -49,6 +49,18 @@ PARQUET_OPTIONS = {
     "column_encoding": {"input_ids.list.element": "DELTA_BINARY_PACKED"},
     "compression": "none",
 }
+
+
+def genes_per_cell(layout: str, max_length: int | None = None) -> int:
+    """Genes a cell keeps for a model of `max_length` positions (default: the layout's full Geneformer input);
+    a V2 cell's <cls> and <eos> take two of them. Pass the result to `encode_chunk(max_genes=...)`."""
+    specials = 2 if layout == "v2" else 0
+    if max_length is None:
+        return LAYOUTS[layout]
+    if max_length < specials + 1:
+        raise ValueError(f"--max-length {max_length} leaves no gene per cell; use the model's input size "
+                         "(max_position_embeddings, e.g. 2048 for V1, 4096 for V2)")
+    return max_length - specials
 
 
 @dataclass
@@ -286,10 +298,7 @@ def tokenize_counts(
     layout = layout.lower()
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
-    max_length = LAYOUTS[layout] if max_length is None else int(max_length)
-    if max_length < (3 if layout == "v2" else 1):
-        raise ValueError(f"--max-length {max_length} leaves no gene per cell; use the model's input size "
-                         "(max_position_embeddings, e.g. 2048 for V1, 4096 for V2)")
+    max_genes = genes_per_cell(layout, max_length)
     obs_columns = list(obs_columns)
     clash = [c for c in obs_columns if c in RESERVED_COLUMNS]
     if clash:
@@ -310,7 +319,7 @@ def tokenize_counts(
     if chunk_size < 1 or cells_per_shard < 1:
         raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
     settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
-                "allow_non_integer": allow_non_integer, "max_length": max_length}
+                "allow_non_integer": allow_non_integer, "max_genes": max_genes}
 
     symbols = load_symbol_table(gene_names) if gene_names is not None else None
     vocabulary = load_vocabulary(vocab) if vocab is not None else None
@@ -353,7 +362,7 @@ def tokenize_counts(
 
 def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
                   computed_medians, describe) -> dict:
-    max_genes = settings["max_length"] - (2 if layout == "v2" else 0)
+    max_genes = settings["max_genes"]
     cls_id, eos_id = (vocabulary.cls_id, vocabulary.eos_id) if layout == "v2" else (None, None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -456,8 +465,8 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
         "gene_names": path_or_none(describe["gene_names"]),
         "gene_mapping": path_or_none(describe["gene_mapping"]),
         "layout": layout,
-        "max_genes": settings["max_length"] - (2 if layout == "v2" else 0),
-        "max_tokens": settings["max_length"],
+        "max_genes": settings["max_genes"],
+        "max_tokens": settings["max_genes"] + (2 if layout == "v2" else 0),
         "tie_break": TIE_BREAK,
         "filters": {"min_counts": settings["min_counts"], "min_genes": settings["min_genes"],
                     "allow_non_integer": settings["allow_non_integer"]},
