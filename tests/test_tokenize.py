@@ -200,6 +200,20 @@ def test_symbols_map_through_a_gene_name_table(tmp_path, tables):
     assert manifest["genes"][0]["mapped_to_ensembl"] == 5
 
 
+def test_a_gene_mapping_table_sends_alternate_ids_to_vocabulary_genes(tmp_path, tables):
+    vocab, medians = tables
+    mapping = tmp_path / "mapping.tsv"  # keys are matched upper-cased, versions stripped on both sides
+    mapping.write_text("alias\tensembl_id\nensg00000000099\tENSG00000000004.3\n")
+    _adata().write_h5ad(tmp_path / "cells.h5ad")
+    manifest = tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
+                               gene_mapping=mapping)
+    # The off-vocabulary column now counts for G4 (token 5): cell 0 gains G4 = 1/16*1e4 = 625, last; cell 1,
+    # empty before, is G4 alone.
+    assert _ids(_read(tmp_path / "out")) == [[3, 2, 4, 5], [5], [3, 5], [2, 4]]
+    assert manifest["genes"][0]["renamed_by_gene_mapping"] == 1
+    assert manifest["genes"][0]["duplicate_columns_summed"] == 2  # G1 twice, G4 twice
+
+
 def test_empty_cells_are_left_out(tmp_path, tables):
     vocab, medians = tables
     empty = np.zeros((1, len(GENES)), dtype=np.float32)
@@ -357,7 +371,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("role", ["vocab", "medians", "gene_names"])
+@pytest.mark.parametrize("role", ["vocab", "medians", "gene_names", "gene_mapping"])
 def test_malicious_pickle_is_refused_without_running(tmp_path, tables, role):
     vocab, medians = tables
     marker = tmp_path / "pwned"
