@@ -26,8 +26,15 @@ def _exported(vocab_file: Path, out: Path):
     if not vocab_file.is_file():
         pytest.skip(f"Geneformer vocabulary {vocab_file} not found")
     vocab = Vocabulary.load(vocab_file)
-    config = BertTEConfig(vocab_size=vocab.size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=32, hidden_act="relu", max_position_embeddings=64)
+    config = BertTEConfig(
+        vocab_size=vocab.size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_act="relu",
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model_dir = BertForMaskedLM(config).save_pretrained(out, vocab)
     return vocab, model_dir, transformers.AutoTokenizer.from_pretrained(model_dir)

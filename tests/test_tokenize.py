@@ -548,18 +548,15 @@ def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float16, np.float32, np.float64])
 def test_count_check_in_the_stored_dtype_agrees_with_float64(values, dtype):
     """Checking counts before the float64 copy accepts and rejects exactly what the float64 check does."""
-    from types import SimpleNamespace
-
-    from dataset.prepare.tokenize import _check_counts
+    from dataset.prepare.count_checks import check_counts
 
     with np.errstate(invalid="ignore"):
         stored = np.array(values, dtype=np.float64).astype(dtype)
-    source = SimpleNamespace(path="x.h5ad", matrix="X")
 
     def check(data, allow):
         matrix = sp.csr_matrix((data, np.arange(3), np.array([0, 1, 3])), shape=(2, 3))
         try:
-            return _check_counts(matrix, source, 0, allow)
+            return check_counts(matrix, "x.h5ad: X", 0, allow_non_integer=allow)
         except ValueError as error:
             return str(error)
 

@@ -66,14 +66,23 @@ def cells(symbol_cells) -> pd.DataFrame:
 
 
 def _h5ad(frame: pd.DataFrame, path: Path) -> Path:
-    anndata.AnnData(X=sp.csr_matrix(frame.to_numpy(np.float32)), obs=pd.DataFrame(index=frame.index.astype(str)),
-                    var=pd.DataFrame(index=frame.columns.astype(str))).write_h5ad(path)
+    anndata.AnnData(
+        X=sp.csr_matrix(frame.to_numpy(np.float32)),
+        obs=pd.DataFrame(index=frame.index.astype(str)),
+        var=pd.DataFrame(index=frame.columns.astype(str)),
+    ).write_h5ad(path)
     return path
 
 
 def _tokenize_v2(source: Path, out: Path, **options) -> dict:
-    return tokenize_counts(source, out, vocab=V2 / "token_dictionary_gc104M.pkl",
-                           medians=V2 / "gene_median_dictionary_gc104M.pkl", layout="v2", **options)
+    return tokenize_counts(
+        source,
+        out,
+        vocab=V2 / "token_dictionary_gc104M.pkl",
+        medians=V2 / "gene_median_dictionary_gc104M.pkl",
+        layout="v2",
+        **options,
+    )
 
 
 def _rows(out: Path) -> pd.DataFrame:
@@ -123,7 +132,9 @@ def test_alternate_ensembl_ids_reach_the_v2_vocabulary_through_the_gene_mapping(
     assert genes["renamed_by_gene_mapping"] == len(renamed) > 0
     targets = [mapping[g] for g in cells.columns if mapping.get(g) in token_of]
     assert genes["columns_in_vocabulary"] == len(targets)
-    assert genes["duplicate_columns_summed"] == len(targets) - len(set(targets))  # ids that meet one gene: summed
+    assert genes["duplicate_columns_summed"] == len(targets) - len(
+        set(targets)
+    )  # ids that meet one gene: summed
     assert manifest["gene_mapping"] == str((V2 / "ensembl_mapping_dict_gc104M.pkl").resolve())
 
     _tokenize_v2(source, tmp_path / "plain")  # without the mapping, MATR3 under its alternate id is lost
@@ -135,8 +146,11 @@ def test_alternate_ensembl_ids_reach_the_v2_vocabulary_through_the_gene_mapping(
 
 def test_gene_symbols_go_through_the_same_gene_mapping(tmp_path, symbol_cells):
     frame = symbol_cells.iloc[:30]
-    manifest = _tokenize_v2(_h5ad(frame, tmp_path / "symbols.h5ad"), tmp_path / "out",
-                            gene_mapping=V2 / "ensembl_mapping_dict_gc104M.pkl")
+    manifest = _tokenize_v2(
+        _h5ad(frame, tmp_path / "symbols.h5ad"),
+        tmp_path / "out",
+        gene_mapping=V2 / "ensembl_mapping_dict_gc104M.pkl",
+    )
     assert _ids(tmp_path / "out") == _published_v2_encoding(frame)
     assert manifest["genes"][0]["mapped_to_ensembl"] > 0.5 * len(frame.columns)
 
@@ -161,8 +175,13 @@ def test_truncated_v2_cells_keep_cls_and_eos_in_the_tokenizer_and_the_corpus_rea
     vocab = Vocabulary.load(tmp_path / "full" / "vocab.txt")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        corpus = CellCorpus(tmp_path / "full", vocab_size=vocab.size, max_length=512, cache_dir=tmp_path / "cache",
-                            ends=vocab.cell_ends)
+        corpus = CellCorpus(
+            tmp_path / "full",
+            vocab_size=vocab.size,
+            max_length=512,
+            cache_dir=tmp_path / "cache",
+            ends=vocab.cell_ends,
+        )
     assert [list(map(int, corpus[i])) for i in range(len(corpus))] == short
     assert corpus.n_truncated == cut and f"{cut} of {len(full)} cells" in caplog.text
 
@@ -185,8 +204,11 @@ def test_cell_ids_join_corpus_rows_back_to_the_cells_after_filtering(tmp_path, c
     passing = frame.index[expressed >= min_genes].astype(str).tolist()
     assert 0 < len(passing) < len(frame)
     frame.to_csv(tmp_path / "cells.csv")
-    sources = {"h5ad": _h5ad(frame, tmp_path / "cells.h5ad"), "loom": _write_loom(frame, tmp_path / "cells.loom"),
-               "csv": tmp_path / "cells.csv"}
+    sources = {
+        "h5ad": _h5ad(frame, tmp_path / "cells.h5ad"),
+        "loom": _write_loom(frame, tmp_path / "cells.loom"),
+        "csv": tmp_path / "cells.csv",
+    }
     encodings = {}
     for name, source in sources.items():
         _tokenize_v2(source, tmp_path / name, min_genes=min_genes, chunk_size=16)

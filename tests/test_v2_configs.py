@@ -18,9 +18,20 @@ from tests.launch import REPO, run_entry
 from training.config import parse_config
 
 V2 = REPO.parent / "shared" / "data" / "geneformer" / "V2"
-SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
-              "type_vocab_size", "layer_norm_eps", "pad_token_id")
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+)
 
 
 def _run(config_dir: Path, name: str):
@@ -32,7 +43,9 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied decoder weight counted once
 
 
-@pytest.mark.parametrize(("name", "published"), [("v2_104m", "config_V2-104M.json"), ("v2_316m", "config_V2-316M.json")])
+@pytest.mark.parametrize(
+    ("name", "published"), [("v2_104m", "config_V2-104M.json"), ("v2_316m", "config_V2-316M.json")]
+)
 def test_v2_pretraining_configs_have_the_published_shapes_and_parameter_counts(name, published):
     if not (V2 / published).is_file():
         pytest.skip(f"published Geneformer V2 config {V2 / published} not found")
@@ -65,12 +78,25 @@ def test_v1_cells_with_a_v2_teacher_are_refused_before_any_step(tmp_path):
     if not (V2 / "token_dictionary_gc104M.pkl").is_file():
         pytest.skip(f"Geneformer V2 token dictionary not found under {V2}")
     vocab = Vocabulary.load(V2 / "token_dictionary_gc104M.pkl")
-    teacher = BertTEConfig(vocab_size=vocab.size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, hidden_act="relu", max_position_embeddings=4096)
+    teacher = BertTEConfig(
+        vocab_size=vocab.size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_act="relu",
+        max_position_embeddings=4096,
+    )
     BertForMaskedLM(teacher).save_pretrained(tmp_path / "teacher", vocab)
-    overrides = [f"distill.teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'out'}",
-                 "--config-name", "v2_4m"]  # hydra takes the option after the overrides; data: the built-in V1 cells
+    overrides = [
+        f"distill.teacher={tmp_path / 'teacher'}",
+        f"output_dir={tmp_path / 'out'}",
+        "--config-name",
+        "v2_4m",
+    ]  # hydra takes the option after the overrides; data: the built-in V1 cells
     result = run_entry("distill.py", overrides, tmp=tmp_path, check=False)
     assert result.returncode == 2
     assert "25426 tokens but the model has vocab_size 20275" in result.stderr
-    assert not list((tmp_path / "out").glob("checkpoints/*")) and not (tmp_path / "out" / "final_model").exists()
+    assert (
+        not list((tmp_path / "out").glob("checkpoints/*")) and not (tmp_path / "out" / "final_model").exists()
+    )

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from dataset.prepare.count_checks import NEAR_INTEGER, check_counts
 from dataset.prepare.count_readers import CELL_ID, CountSource, open_counts
 from dataset.prepare.gene_medians import NonzeroMedians
 from dataset.prepare.gene_tables import (
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = {"v1": 2048, "v2": 4094}  # genes per cell; V2 adds <cls> and <eos> for 4,096 tokens
 RESERVED_COLUMNS = ("input_ids", "length", CELL_ID)
-NEAR_INTEGER = 1e-6  # counts this close to an integer are float noise of a pipeline (0.999999999999999): rounded
 # Token ids are near-random 15-bit numbers: delta + bit packing (a long-standing Parquet encoding every reader
 # knows) stores them as compactly as pyarrow's default dictionary + snappy, writes ~2x faster, reads as fast.
 PARQUET_OPTIONS = {
@@ -87,70 +87,6 @@ class _Input:
     column_map: GeneColumnMap | None = None
 
 
-def _whole_non_negative(data: np.ndarray) -> bool:
-    """True if every value is a finite whole number >= 0 (raw counts), checked in the input's own dtype."""
-    if len(data) == 0 or data.dtype.kind == "u":
-        return True
-    if data.dtype.kind == "i":
-        return bool(data.min() >= 0)
-    if data.dtype.kind != "f":
-        return False
-    # Read as unsigned integers, floats in [+0, inf) have bits below those of +inf; negatives (also -0.0), inf
-    # and NaN have higher ones. One max instead of min, max and an isfinite.
-    unsigned = np.dtype(f"u{data.dtype.itemsize}")
-    if data.view(unsigned).max() >= np.array(np.inf, dtype=data.dtype).view(unsigned):
-        return False
-    return bool((np.floor(data) == data).all())
-
-
-def _cells_of(matrix: sp.csr_matrix, entries: np.ndarray) -> np.ndarray:
-    """The distinct rows (cells) that hold the given stored entries."""
-    return np.unique(np.searchsorted(matrix.indptr, entries, side="right") - 1)
-
-
-def _check_counts(
-    matrix: sp.csr_matrix, source: CountSource, first_row: int, allow_non_integer: bool
-) -> tuple[int, int, int]:
-    """Raise on negative/NaN counts; round counts within NEAR_INTEGER of an integer, in place.
-
-    Returns (cells with rounded counts, values rounded, cells still holding non-integers: an error unless allowed).
-    """
-    if _whole_non_negative(matrix.data):  # the usual case, on the stored (often float32) values: half the bytes
-        return 0, 0, 0
-    data = matrix.data.astype(np.float64, copy=False)
-    whole = np.floor(data) == data  # False for NaN
-    bad = ~np.isfinite(data) | (data < 0)
-    if bad.any():
-        row = first_row + int(np.searchsorted(matrix.indptr, np.flatnonzero(bad)[0], side="right") - 1)
-        raise ValueError(
-            f"{source.path}: {source.matrix} holds a negative or non-finite value in cell row {row}; "
-            "the tokenizer needs raw counts (pick the counts matrix with --layer)"
-        )
-    fractional = np.flatnonzero(~whole)
-    nearest = np.rint(data[fractional])
-    noise = np.abs(data[fractional] - nearest) <= NEAR_INTEGER
-    matrix.data[fractional[noise]] = nearest[noise]  # exact in any float dtype: they are small integers
-    rounded_cells = len(_cells_of(matrix, fractional[noise]))
-    fractional = fractional[~noise]  # what is left is not a count (or -0.0, which the sign-bit test sends here)
-    if len(fractional) == 0:
-        return rounded_cells, int(noise.sum()), 0
-    data = matrix.data.astype(np.float64, copy=False)
-    rows = _cells_of(matrix, fractional)
-    if not allow_non_integer:
-        example = data[fractional[0]]
-        if np.allclose(data[fractional], np.rint(data[fractional]), rtol=1e-6, atol=0):
-            hint = ("they are integers up to float noise (counts recovered from normalized data?): round them "
-                    "(np.rint) before tokenizing")
-        else:
-            hint = ("they look normalized, not raw counts: pick the raw counts with --layer (e.g. --layer counts or "
-                    "--layer raw)")
-        raise ValueError(
-            f"{source.path}: {source.matrix} holds non-integer values (cell row {first_row + int(rows[0])}: "
-            f"{example!r}); {hint}, or pass --allow-non-integer to tokenize them as they are"
-        )
-    return rounded_cells, int(noise.sum()), len(rows)
-
-
 def _row_sums(matrix: sp.csr_matrix) -> np.ndarray:
     """Each cell's total count over all its genes, in float64."""
     totals = np.zeros(matrix.shape[0])
@@ -172,8 +108,8 @@ def _passing_chunks(
     """Chunks of cells that pass the filters: (counts per vocabulary slot, cell totals over all genes, obs)."""
     first_row = 0
     for matrix, obs in item.source.iter_chunks(settings["chunk_size"], obs_columns):
-        rounded_cells, rounded_values, non_integer = _check_counts(matrix, item.source, first_row,
-                                                                   settings["allow_non_integer"])
+        checked = check_counts(matrix, f"{item.source.path}: {item.source.matrix}", first_row,
+                               allow_non_integer=settings["allow_non_integer"])
         matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
         first_row += matrix.shape[0]
         totals = _row_sums(matrix)
@@ -185,9 +121,9 @@ def _passing_chunks(
         keep = enough_counts & enough_genes & has_vocab_gene
         if stats is not None:
             stats.cells_read += matrix.shape[0]
-            stats.non_integer_cells += non_integer
-            stats.rounded_cells += rounded_cells
-            stats.rounded_values += rounded_values
+            stats.non_integer_cells += checked.non_integer_cells
+            stats.rounded_cells += checked.rounded_cells
+            stats.rounded_values += checked.rounded_values
             stats.filtered_min_counts += int((~enough_counts).sum())
             stats.filtered_min_genes += int((enough_counts & ~enough_genes).sum())
             stats.no_vocabulary_genes += int((enough_counts & enough_genes & ~has_vocab_gene).sum())
@@ -516,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = tokenize_counts(
             args.inputs, args.out, vocab=args.vocab, medians=args.medians, gene_names=args.gene_names,
-            gene_mapping=args.gene_mapping, layout=args.layout, max_length=args.max_length, obs_columns=[c for c in args.obs_columns.split(",") if c], layer=args.layer,
+            gene_mapping=args.gene_mapping, layout=args.layout, max_length=args.max_length,
+            obs_columns=[c for c in args.obs_columns.split(",") if c], layer=args.layer,
             gene_column=args.gene_column, min_counts=args.min_counts, min_genes=args.min_genes,
             allow_non_integer=args.allow_non_integer, chunk_size=args.chunk_size,
             compute_medians=args.compute_medians, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
