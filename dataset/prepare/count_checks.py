@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-NEAR_INTEGER = (
-    1e-6  # counts this close to an integer are float noise of a pipeline (0.999999999999999): rounded
-)
+# Counts this close to an integer are float noise of a pipeline (0.999999999999999): rounded.
+NEAR_INTEGER = 1e-6
 
 
 def _whole_non_negative(data: np.ndarray) -> bool:
