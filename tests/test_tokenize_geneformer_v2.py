@@ -1,6 +1,6 @@
 """Real counts through the tokenizer as Geneformer V2 users get them: id mapping, truncation, cell ids, float noise.
 
-Cells are celltypist's bundled sample (real UMI counts); dictionaries are Geneformer's, from ../shared/data.
+Cells are celltypist's sample and scanpy's PBMC68k (real counts); dictionaries are Geneformer's (../shared/data).
 """
 
 from __future__ import annotations
@@ -24,17 +24,22 @@ from dataset.vocab import Vocabulary
 
 anndata = pytest.importorskip("anndata")
 
-V2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneformer" / "V2"
+V1 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneformer" / "V1"
+V2 = V1.parent / "V2"
 N_CELLS = 100  # of 559: enough cells with alternate ids and long cells, and a test of seconds
 MATR3 = "ENSG00000015479"  # GENCODE v44 lists MATR3 first under ENSG00000280987, which the mapping sends here
 
 
-def _celltypist_file(name: str) -> Path | None:
-    spec = importlib.util.find_spec("celltypist")  # locate without importing it (it pulls in scanpy)
+def _package_file(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # locate without importing it (both pull in heavy dependencies)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "samples" / name
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     return path if path.is_file() else None
+
+
+def _celltypist_file(name: str) -> Path | None:
+    return _package_file("celltypist", "data", "samples", name)
 
 
 def _trusted_pickle(name: str) -> dict:
@@ -244,3 +249,38 @@ def test_a_count_of_one_half_is_still_refused(tmp_path, cells):
     with pytest.raises(ValueError, match=r"half\.csv.*non-integer.*cell row 3.*0\.5.*--allow-non-integer"):
         _tokenize_v2(tmp_path / "half.csv", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# The bundled file is in an old AnnData format, which anndata warns about.
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_pbmc68k_counts_recovered_from_log_data_are_refused_with_the_fix_and_tokenize_once_rounded(tmp_path):
+    pbmc = _package_file("scanpy", "datasets", "10x_pbmc68k_reduced.h5ad")
+    if pbmc is None:
+        pytest.skip("scanpy's bundled PBMC68k file not installed (pip install --no-deps scanpy)")
+    if not (V1 / "gene_name_id_dict_gc30M.pkl").is_file():
+        pytest.skip(f"Geneformer V1 dictionaries not found under {V1}")
+    cells = anndata.read_h5ad(pbmc)
+    # .raw.X is log1p of counts normalized to 10,000 (stored as float32): the counts come back only roughly.
+    recovered = sp.csr_matrix(cells.raw.X).astype(np.float64)
+    recovered.data = np.expm1(recovered.data)
+    recovered = sp.csr_matrix(recovered.multiply(cells.obs["n_counts"].to_numpy()[:, None] / 1e4))
+    obs = cells.obs[["bulk_labels"]].astype(str)
+    anndata.AnnData(X=recovered, obs=obs, var=pd.DataFrame(index=cells.raw.var_names)).write_h5ad(
+        tmp_path / "r.h5ad"
+    )
+    tables = dict(
+        vocab=V1 / "token_dictionary_gc30M.pkl",
+        medians=V1 / "gene_median_dictionary_gc30M.pkl",
+        gene_names=V1 / "gene_name_id_dict_gc30M.pkl",
+    )
+    with pytest.raises(ValueError, match=r"r\.h5ad.*non-integer.*within 0\.1 of an integer.*np\.rint"):
+        tokenize_counts(tmp_path / "r.h5ad", tmp_path / "out", **tables)
+    recovered.data = np.rint(recovered.data)
+    anndata.AnnData(X=recovered, obs=obs, var=pd.DataFrame(index=cells.raw.var_names)).write_h5ad(
+        tmp_path / "c.h5ad"
+    )
+    manifest = tokenize_counts(tmp_path / "c.h5ad", tmp_path / "out", obs_columns=["bulk_labels"], **tables)
+    rows = _rows(tmp_path / "out")
+    assert manifest["cells"]["kept"] == len(cells) == 700
+    assert rows["cell_id"].tolist() == cells.obs_names.tolist()
+    assert rows["bulk_labels"].tolist() == obs["bulk_labels"].tolist()
