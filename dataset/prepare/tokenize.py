@@ -266,6 +266,9 @@ def tokenize_counts(
         logger.warning("%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
                        vocab, CLS, EOS)
 
+    if layout == "v2" and gene_mapping is None:
+        logger.warning("layout v2 without --gene-mapping: genes listed under an alternate Ensembl id are lost; "
+                       "Geneformer V2 maps ids through ensembl_mapping_dict_gc104M.pkl (pass it as --gene-mapping)")
     mapping = None
     if gene_mapping is not None:
         mapping = load_gene_mapping(gene_mapping, keep=set(vocabulary.tokens) if vocabulary is not None else None)
