@@ -235,7 +235,7 @@ def _table_header(path: Path, sep: str) -> tuple[str, list[str]]:
     """(name of the cell id column, gene names) from the first line. The csv module reads a 30,000-gene header
     in milliseconds; pandas' parser takes seconds on it."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", newline="") as handle:
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:  # a BOM is not part of a name
         header = next(csv.reader(handle, delimiter=sep), None)
     if not header or len(header) < 2:
         raise ValueError(f"{path}: the first line must be a header: a cell id column, then one column per gene")
