@@ -117,9 +117,9 @@ def fixed_batches(corpus: CellCorpus, vocab: Vocabulary, cells: np.ndarray, args
 
 
 def open_corpus(path: Path, args: argparse.Namespace, max_length: int, vocab_size: int,
-                ctx: DistributedContext) -> CellCorpus:
+                ctx: DistributedContext, ends: tuple[int, int] | None = None) -> CellCorpus:
     return CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
-                                        cache_dir=args.cache_dir)
+                                        cache_dir=args.cache_dir, ends=ends)
 
 
 def gather_embeddings(local: CellEmbeddings, ctx: DistributedContext) -> CellEmbeddings | None:
@@ -173,7 +173,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
     data_path = resolve_data_path(data_cfg, ctx)
     vocab = resolve_vocab(data_cfg, data_path, next(iter(vocab_sizes.values())))
     max_length = args.max_length or min(m.config.max_position_embeddings for m in models.values())
-    corpus = open_corpus(data_path, args, max_length, vocab.size, ctx)
+    corpus = open_corpus(data_path, args, max_length, vocab.size, ctx, ends=vocab.cell_ends)
     cells = choose_cells(len(corpus), args)
     label_column = resolve_labels(corpus, args.label_column)
     batches = fixed_batches(corpus, vocab, cells, args, ctx)

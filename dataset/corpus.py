@@ -32,8 +32,19 @@ def default_cache_dir() -> Path:
     return Path(root) / "geneformer_recipe" / "cell_index"
 
 
+def truncate_cell(tokens: np.ndarray, max_length: int, ends: tuple[int, int] | None = None) -> np.ndarray:
+    """The cell's first `max_length` tokens. A cell that opens with `ends[0]` and closes with `ends[1]` (V2:
+    <cls> ... <eos>) keeps both and loses genes in between, so a truncated V2 cell still ends as the model expects."""
+    if len(tokens) <= max_length:
+        return tokens
+    out = np.array(tokens[:max_length])
+    if ends is not None and tokens[0] == ends[0] and tokens[-1] == ends[1]:
+        out[-1] = ends[1]
+    return out
+
+
 class CellCorpus:
-    """Cells of gene token ids; `corpus[i]` is cell i truncated to `max_length` tokens.
+    """Cells of gene token ids; `corpus[i]` is cell i truncated to `max_length` tokens (see `truncate_cell`).
 
     The first open writes an index (tokens as one flat uint16/int32 file, int64 offsets, full lengths)
     under `cache_dir`; later opens reuse it until a source file's size or mtime changes. Cells are read
@@ -42,9 +53,10 @@ class CellCorpus:
 
     @classmethod
     def open_on_all_ranks(cls, path: str | os.PathLike, *, is_main: bool, vocab_size: int, max_length: int,
-                          cache_dir: str | os.PathLike | None = None) -> CellCorpus:
+                          cache_dir: str | os.PathLike | None = None,
+                          ends: tuple[int, int] | None = None) -> CellCorpus:
         """Rank 0 prepares the index first; the other ranks then open the finished one instead of racing it."""
-        kwargs = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cache_dir)
+        kwargs = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cache_dir, ends=ends)
         corpus = cls(path, **kwargs) if is_main else None
         barrier()
         return corpus if corpus is not None else cls(path, **kwargs)
@@ -56,6 +68,7 @@ class CellCorpus:
         vocab_size: int,
         max_length: int,
         cache_dir: str | os.PathLike | None = None,
+        ends: tuple[int, int] | None = None,
     ) -> None:
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -64,6 +77,7 @@ class CellCorpus:
         self.path = Path(path).resolve()
         self.vocab_size = int(vocab_size)
         self.max_length = int(max_length)
+        self.ends = ends  # (<cls>, <eos>) ids of a V2 vocabulary (Vocabulary.cell_ends): kept by truncation
         self.format, self.files = _discover_sources(self.path)
         cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         digest = hashlib.sha1(str(self.path).encode()).hexdigest()[:12]
@@ -75,8 +89,9 @@ class CellCorpus:
         self.n_truncated = int(np.count_nonzero(self.full_lengths > self.max_length))
         if self.n_truncated:
             log.warning(
-                "%s: %d of %d cells are longer than max_length=%d and are truncated to their first %d tokens",
+                "%s: %d of %d cells are longer than max_length=%d and are truncated to %d tokens%s",
                 self.path, self.n_truncated, len(self), self.max_length, self.max_length,
+                " (cells wrapped in <cls> ... <eos> keep both; genes are cut in between)" if ends else "",
             )
         self._dtype = np.dtype(self.meta["token_dtype"])
         self._fds: tuple[int, int, int] | None = None  # (pid, tokens fd, offsets fd), reopened after fork
@@ -98,9 +113,14 @@ class CellCorpus:
             raise IndexError(f"cell index {i} out of range for a corpus of {n} cells")
         _, tok_fd, off_fd = self._open()
         start = int(np.frombuffer(os.pread(off_fd, 8, 8 * i), dtype=np.int64)[0])
-        count = int(self.lengths[i])
+        count, full = int(self.lengths[i]), int(self.full_lengths[i])
         size = self._dtype.itemsize
-        return np.frombuffer(os.pread(tok_fd, count * size, start * size), dtype=self._dtype).astype(np.int32)
+        tokens = np.frombuffer(os.pread(tok_fd, count * size, start * size), dtype=self._dtype).astype(np.int32)
+        if self.ends is None or count == full:
+            return tokens
+        # The head plus the cell's last token is all truncate_cell looks at: no need to read the genes between.
+        last = np.frombuffer(os.pread(tok_fd, size, (start + full - 1) * size), dtype=self._dtype)
+        return truncate_cell(np.concatenate([tokens, last.astype(np.int32)]), count, self.ends)
 
     def get_many(self, indices: np.ndarray | list[int]) -> list[np.ndarray]:
         return [self[i] for i in indices]

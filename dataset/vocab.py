@@ -60,6 +60,12 @@ class Vocabulary:
         return self.id_of(EOS)
 
     @property
+    def cell_ends(self) -> tuple[int, int] | None:
+        """(<cls> id, <eos> id) where both exist (V2): the tokens that open and close every cell."""
+        cls_id, eos_id = self.cls_id, self.eos_id
+        return (cls_id, eos_id) if cls_id is not None and eos_id is not None else None
+
+    @property
     def special_ids(self) -> tuple[int, ...]:
         return tuple(i for i in (self.id_of(t) for t in SPECIAL_TOKENS) if i is not None)
 

@@ -66,7 +66,7 @@ def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
     corpus = CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
-                                          cache_dir=cfg.cache_dir)
+                                          cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
     column = run.finetune.label_column
     if column not in corpus.column_names:
         raise ValueError(f"config 'finetune.label_column': {path} has no column '{column}'; "

@@ -50,7 +50,8 @@ def load_cell(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[torch.T
     if vocab.size != model.config.vocab_size:
         raise ValueError(f"vocabulary {vocab_path} has {vocab.size} tokens, the model {model.config.vocab_size}; "
                          "use the vocabulary the model was trained with")
-    corpus = CellCorpus(data, vocab_size=vocab.size, max_length=args.max_length or model.config.max_position_embeddings)
+    corpus = CellCorpus(data, vocab_size=vocab.size, max_length=args.max_length or model.config.max_position_embeddings,
+                        ends=vocab.cell_ends)
     if not 0 <= args.cell_index < len(corpus):
         raise ValueError(f"--cell-index {args.cell_index} is outside the corpus ({len(corpus)} cells in {data})")
     return torch.as_tensor(corpus[args.cell_index], dtype=torch.long), vocab

@@ -42,23 +42,30 @@ def _stock_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def write_tokenizer_files(vocab: Vocabulary, out_dir: Path) -> None:
+    """vocab.txt plus a fast tokenizer (tokenizer.json) that `AutoTokenizer.from_pretrained` loads.
+
+    One whitespace-separated gene id = one token, case kept. V1 cells get no special tokens (Geneformer V1 has
+    none); V2 cells are wrapped in <cls> ... <eos> by default, as the V2 model expects. There is no unknown
+    token: a gene outside the vocabulary (or a gene symbol) raises instead of silently becoming <pad>.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
     vocab.save(out_dir / "vocab.txt")
-    # V2 vocabularies have <cls>/<eos>. V1 has neither, and BertTokenizer would otherwise add [CLS]/[SEP] ids past
-    # the model's vocabulary, so <pad> stands in for them (and for unknown genes): it is never a gene.
-    # Geneformer V1 inputs are encoded with add_special_tokens=False.
-    special = {
-        "pad_token": "<pad>",
-        "mask_token": "<mask>",
-        "unk_token": "<pad>",
-        "cls_token": "<cls>" if vocab.cls_id is not None else "<pad>",
-        "sep_token": "<eos>" if vocab.eos_id is not None else "<pad>",
-    }
-    # Gene ids are case-sensitive whole tokens: no lower-casing, no accent stripping.
+    ids = {token: i for i, token in enumerate(vocab.tokens)}
+    # An unk_token absent from the vocabulary makes WordLevel refuse unknown words ("Missing [UNK] token").
+    tokenizer = Tokenizer(models.WordLevel(ids, unk_token="<unknown gene>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = {"pad_token": "<pad>", "mask_token": "<mask>"}
+    if vocab.cell_ends is not None:
+        special |= {"cls_token": "<cls>", "sep_token": "<eos>"}
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<cls> $A <eos>", special_tokens=[("<cls>", vocab.cls_id), ("<eos>", vocab.eos_id)])
+    tokenizer.add_special_tokens(list(special.values()))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": False,
-        "tokenize_chinese_chars": False,
-        "strip_accents": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_input_names": ["input_ids", "attention_mask"],  # one segment: no token_type_ids
+        "clean_up_tokenization_spaces": False,
         **special,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

@@ -93,7 +93,9 @@ def test_v1_encoding_worked_by_hand(tmp_path, tables):
     assert pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("input_ids").type.value_type == "int64"
     assert (tmp_path / "out" / "vocab.txt").read_text().split() == ["<pad>", "<mask>", *VOCAB_GENES]
     assert manifest["cells"] == {"read": 4, "kept": 3, "filtered_min_counts": 0, "filtered_min_genes": 0,
-                                 "no_vocabulary_genes": 1, "truncated": 0, "non_integer": 0}
+                                 "no_vocabulary_genes": 1, "truncated": 0, "non_integer": 0,
+                                 "rounded_near_integer": 0}
+    assert frame["cell_id"].tolist() == ["cell0", "cell2", "cell3"]  # the obs index, always kept
     genes = manifest["genes"][0]
     assert (genes["columns"], genes["columns_in_vocabulary"], genes["vocabulary_genes_present"]) == (6, 5, 4)
     assert genes["duplicate_columns_summed"] == 1
@@ -196,6 +198,20 @@ def test_symbols_map_through_a_gene_name_table(tmp_path, tables):
                                gene_names=tmp_path / "names.csv")
     assert _ids(_read(tmp_path / "out")) == EXPECTED_V1
     assert manifest["genes"][0]["mapped_to_ensembl"] == 5
+
+
+def test_a_gene_mapping_table_sends_alternate_ids_to_vocabulary_genes(tmp_path, tables):
+    vocab, medians = tables
+    mapping = tmp_path / "mapping.tsv"  # keys are matched upper-cased, versions stripped on both sides
+    mapping.write_text("alias\tensembl_id\nensg00000000099\tENSG00000000004.3\n")
+    _adata().write_h5ad(tmp_path / "cells.h5ad")
+    manifest = tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
+                               gene_mapping=mapping)
+    # The off-vocabulary column now counts for G4 (token 5): cell 0 gains G4 = 1/16*1e4 = 625, last; cell 1,
+    # empty before, is G4 alone.
+    assert _ids(_read(tmp_path / "out")) == [[3, 2, 4, 5], [5], [3, 5], [2, 4]]
+    assert manifest["genes"][0]["renamed_by_gene_mapping"] == 1
+    assert manifest["genes"][0]["duplicate_columns_summed"] == 2  # G1 twice, G4 twice
 
 
 def test_empty_cells_are_left_out(tmp_path, tables):
@@ -326,7 +342,7 @@ def test_real_counts_with_computed_medians_and_v2_layout(tmp_path, celltypist_co
     cells = frame.iloc[:16]
     cells.loc[:, cells.sum(axis=0) > 0].to_csv(tmp_path / "real.csv")  # all-zero genes change nothing
     manifest = tokenize_counts(tmp_path / "real.csv", tmp_path / "out", gene_names=names, compute_medians=True,
-                               layout="v2", obs_columns=[frame.index.name or "cell_id"])
+                               layout="v2")
     ids = _ids(_read(tmp_path / "out"))
     vocab = (tmp_path / "out" / "vocab.txt").read_text().split()
     assert vocab[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"]
@@ -355,7 +371,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("role", ["vocab", "medians", "gene_names"])
+@pytest.mark.parametrize("role", ["vocab", "medians", "gene_names", "gene_mapping"])
 def test_malicious_pickle_is_refused_without_running(tmp_path, tables, role):
     vocab, medians = tables
     marker = tmp_path / "pwned"
@@ -532,18 +548,15 @@ def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float16, np.float32, np.float64])
 def test_count_check_in_the_stored_dtype_agrees_with_float64(values, dtype):
     """Checking counts before the float64 copy accepts and rejects exactly what the float64 check does."""
-    from types import SimpleNamespace
-
-    from dataset.prepare.tokenize import _check_counts
+    from dataset.prepare.count_checks import check_counts
 
     with np.errstate(invalid="ignore"):
         stored = np.array(values, dtype=np.float64).astype(dtype)
-    source = SimpleNamespace(path="x.h5ad", matrix="X")
 
     def check(data, allow):
         matrix = sp.csr_matrix((data, np.arange(3), np.array([0, 1, 3])), shape=(2, 3))
         try:
-            return _check_counts(matrix, source, 0, allow)
+            return check_counts(matrix, "x.h5ad: X", 0, allow_non_integer=allow)
         except ValueError as error:
             return str(error)
 

@@ -93,7 +93,7 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
     corpus = CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
-                                          cache_dir=cfg.cache_dir)
+                                          cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
     train_idx, heldout_idx = split_indices(len(corpus), cfg.heldout_fraction, run.seed)
     eval_cells = heldout_idx[: run.eval.max_cells]
     sampler_args = dict(max_tokens=cfg.max_tokens, max_cells=cfg.max_cells, rank=ctx.rank,

@@ -1,4 +1,4 @@
-"""Gene tables for tokenizing counts: vocabulary, gene medians and symbol -> Ensembl maps.
+"""Gene tables for tokenizing counts: vocabulary, gene medians, symbol -> Ensembl maps and Ensembl id mappings.
 
 Reads Geneformer pickles (restricted unpickler, never arbitrary code) or plain TSV/CSV, and maps input genes.
 """
@@ -127,19 +127,42 @@ def load_symbol_table(path: str | Path) -> dict[str, str]:
     return mapping
 
 
-def to_ensembl_ids(names: Sequence[str], symbols: dict[str, str] | None) -> list[str | None]:
-    """Input gene names -> Ensembl ids (version stripped). Symbols go through `symbols`, exact then upper-case
-    (as Geneformer's tokenizer does); a name that is neither an id nor a known symbol maps to None."""
+def load_gene_mapping(path: str | Path, keep: set[str] | None = None) -> dict[str, str]:
+    """Gene id / symbol / alias -> Ensembl id, keys upper-cased (Geneformer's `ensembl_mapping_dict` .pkl or a
+    two-column TSV/CSV). With `keep`, only entries whose target is in `keep` (the vocabulary), as Geneformer's
+    tokenizer filters its mapping."""
+    path, table = _load_mapping(path, "gene mapping")
+    rows = table.items() if isinstance(table, dict) else table
+    mapping: dict[str, str] = {}
+    for key, value in rows:
+        target = strip_ensembl_version(str(value).strip())
+        if looks_like_ensembl(target) and (keep is None or target in keep):
+            mapping[strip_ensembl_version(str(key).strip()).upper()] = target
+    if not mapping:
+        raise ValueError(f"{path}: no entry maps to an Ensembl id{' of the vocabulary' if keep else ''}; a gene "
+                         "mapping is `id or symbol -> Ensembl id` (e.g. Geneformer's ensembl_mapping_dict_gc104M.pkl)")
+    return mapping
+
+
+def to_ensembl_ids(
+    names: Sequence[str], symbols: dict[str, str] | None, mapping: dict[str, str] | None = None
+) -> list[str | None]:
+    """Input gene names -> Ensembl ids (version stripped); a name that is neither an id nor known maps to None.
+
+    With `mapping` (see `load_gene_mapping`) every name, id or symbol, is looked up upper-cased first, as
+    Geneformer's tokenizer does, so a gene given under an alternate id reaches its vocabulary id. Other names
+    fall back to the id itself or, for symbols, to `symbols` (exact, then upper-case).
+    """
     upper = {k.upper(): v for k, v in symbols.items()} if symbols else {}
     out: list[str | None] = []
     for name in names:
         name = str(name).strip()
-        if looks_like_ensembl(name):
-            out.append(strip_ensembl_version(name))
-        elif symbols is not None:
-            out.append(symbols.get(name) or upper.get(name.upper()))
-        else:
-            out.append(None)
+        gene_id = strip_ensembl_version(name) if looks_like_ensembl(name) else None
+        mapped = mapping.get((gene_id or name).upper()) if mapping else None
+        if mapped is None and gene_id is None and symbols is not None:
+            gene_id = symbols.get(name) or upper.get(name.upper())
+            mapped = mapping.get(gene_id.upper()) if mapping and gene_id else None
+        out.append(mapped or gene_id)
     return out
 
 

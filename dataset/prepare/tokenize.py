@@ -22,11 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from dataset.prepare.count_readers import CountSource, open_counts
+from dataset.prepare.count_checks import NEAR_INTEGER, check_counts
+from dataset.prepare.count_readers import CELL_ID, CountSource, open_counts
 from dataset.prepare.gene_medians import NonzeroMedians
 from dataset.prepare.gene_tables import (
     GeneColumnMap,
     build_column_map,
+    load_gene_mapping,
     load_medians,
     load_symbol_table,
     load_vocabulary,
@@ -39,7 +41,7 @@ from dataset.vocab import CLS, EOS, Vocabulary
 logger = logging.getLogger(__name__)
 
 LAYOUTS = {"v1": 2048, "v2": 4094}  # genes per cell; V2 adds <cls> and <eos> for 4,096 tokens
-RESERVED_COLUMNS = ("input_ids", "length")
+RESERVED_COLUMNS = ("input_ids", "length", CELL_ID)
 # Token ids are near-random 15-bit numbers: delta + bit packing (a long-standing Parquet encoding every reader
 # knows) stores them as compactly as pyarrow's default dictionary + snappy, writes ~2x faster, reads as fast.
 PARQUET_OPTIONS = {
@@ -47,6 +49,18 @@ PARQUET_OPTIONS = {
     "column_encoding": {"input_ids.list.element": "DELTA_BINARY_PACKED"},
     "compression": "none",
 }
+
+
+def genes_per_cell(layout: str, max_length: int | None = None) -> int:
+    """Genes a cell keeps for a model of `max_length` positions (default: the layout's full Geneformer input);
+    a V2 cell's <cls> and <eos> take two of them. Pass the result to `encode_chunk(max_genes=...)`."""
+    specials = 2 if layout == "v2" else 0
+    if max_length is None:
+        return LAYOUTS[layout]
+    if max_length < specials + 1:
+        raise ValueError(f"--max-length {max_length} leaves no gene per cell; use the model's input size "
+                         "(max_position_embeddings, e.g. 2048 for V1, 4096 for V2)")
+    return max_length - specials
 
 
 @dataclass
@@ -58,6 +72,8 @@ class _Stats:
     kept: int = 0
     truncated: int = 0
     non_integer_cells: int = 0
+    rounded_cells: int = 0
+    rounded_values: int = 0
     counts_total: float = 0.0
     counts_in_vocabulary: float = 0.0
     shards: list[dict] = field(default_factory=list)
@@ -67,55 +83,8 @@ class _Stats:
 class _Input:
     source: CountSource
     ensembl_ids: list[str | None]
+    renamed_by_mapping: int = 0  # columns whose gene the --gene-mapping changed
     column_map: GeneColumnMap | None = None
-
-
-def _whole_non_negative(data: np.ndarray) -> bool:
-    """True if every value is a finite whole number >= 0 (raw counts), checked in the input's own dtype."""
-    if len(data) == 0 or data.dtype.kind == "u":
-        return True
-    if data.dtype.kind == "i":
-        return bool(data.min() >= 0)
-    if data.dtype.kind != "f":
-        return False
-    # Read as unsigned integers, floats in [+0, inf) have bits below those of +inf; negatives (also -0.0), inf
-    # and NaN have higher ones. One max instead of min, max and an isfinite.
-    unsigned = np.dtype(f"u{data.dtype.itemsize}")
-    if data.view(unsigned).max() >= np.array(np.inf, dtype=data.dtype).view(unsigned):
-        return False
-    return bool((np.floor(data) == data).all())
-
-
-def _check_counts(matrix: sp.csr_matrix, source: CountSource, first_row: int, allow_non_integer: bool) -> int:
-    """Raise on negative/NaN counts; return how many cells hold non-integer counts (an error unless allowed)."""
-    if _whole_non_negative(matrix.data):  # the usual case, on the stored (often float32) values: half the bytes
-        return 0
-    data = matrix.data.astype(np.float64, copy=False)
-    whole = np.floor(data) == data  # False for NaN
-    bad = ~np.isfinite(data) | (data < 0)
-    if bad.any():
-        row = first_row + int(np.searchsorted(matrix.indptr, np.flatnonzero(bad)[0], side="right") - 1)
-        raise ValueError(
-            f"{source.path}: {source.matrix} holds a negative or non-finite value in cell row {row}; "
-            "the tokenizer needs raw counts (pick the counts matrix with --layer)"
-        )
-    fractional = ~whole
-    if not fractional.any():  # -0.0, which the sign-bit test above sends here
-        return 0
-    rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(fractional), side="right") - 1)
-    if not allow_non_integer:
-        example = data[np.flatnonzero(fractional)[0]]
-        if np.allclose(data[fractional], np.rint(data[fractional]), rtol=1e-6, atol=0):
-            hint = ("they are integers up to float noise (counts recovered from normalized data?): round them "
-                    "(np.rint) before tokenizing")
-        else:
-            hint = ("they look normalized, not raw counts: pick the raw counts with --layer (e.g. --layer counts or "
-                    "--layer raw)")
-        raise ValueError(
-            f"{source.path}: {source.matrix} holds non-integer values (cell row {first_row + int(rows[0])}: "
-            f"{example!r}); {hint}, or pass --allow-non-integer to tokenize them as they are"
-        )
-    return len(rows)
 
 
 def _row_sums(matrix: sp.csr_matrix) -> np.ndarray:
@@ -139,7 +108,8 @@ def _passing_chunks(
     """Chunks of cells that pass the filters: (counts per vocabulary slot, cell totals over all genes, obs)."""
     first_row = 0
     for matrix, obs in item.source.iter_chunks(settings["chunk_size"], obs_columns):
-        non_integer = _check_counts(matrix, item.source, first_row, settings["allow_non_integer"])
+        checked = check_counts(matrix, f"{item.source.path}: {item.source.matrix}", first_row,
+                               allow_non_integer=settings["allow_non_integer"])
         matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
         first_row += matrix.shape[0]
         totals = _row_sums(matrix)
@@ -151,7 +121,9 @@ def _passing_chunks(
         keep = enough_counts & enough_genes & has_vocab_gene
         if stats is not None:
             stats.cells_read += matrix.shape[0]
-            stats.non_integer_cells += non_integer
+            stats.non_integer_cells += checked.non_integer_cells
+            stats.rounded_cells += checked.rounded_cells
+            stats.rounded_values += checked.rounded_values
             stats.filtered_min_counts += int((~enough_counts).sum())
             stats.filtered_min_genes += int((enough_counts & ~enough_genes).sum())
             stats.no_vocabulary_genes += int((enough_counts & enough_genes & ~has_vocab_gene).sum())
@@ -199,12 +171,17 @@ def _compute_medians(
     return vocab, seen, for_map
 
 
-def _open_inputs(paths: Sequence[Path], layer, gene_column, symbols, obs_columns) -> list[_Input]:
+def _open_inputs(paths: Sequence[Path], layer, gene_column, symbols, mapping, obs_columns) -> list[_Input]:
     inputs: list[_Input] = []
     try:
         for path in paths:
             source = open_counts(path, layer=layer, gene_column=gene_column)
-            inputs.append(_Input(source=source, ensembl_ids=to_ensembl_ids(source.gene_names, symbols)))
+            ids = to_ensembl_ids(source.gene_names, symbols, mapping)
+            renamed = 0
+            if mapping is not None:
+                plain = to_ensembl_ids(source.gene_names, symbols)
+                renamed = sum(a != b for a, b in zip(ids, plain, strict=True) if b is not None)
+            inputs.append(_Input(source=source, ensembl_ids=ids, renamed_by_mapping=renamed))
             source.check_obs_columns(obs_columns)
     except BaseException:
         for item in inputs:
@@ -231,7 +208,9 @@ def tokenize_counts(
     vocab: str | os.PathLike | None = None,
     medians: str | os.PathLike | None = None,
     gene_names: str | os.PathLike | None = None,
+    gene_mapping: str | os.PathLike | None = None,
     layout: str = "v1",
+    max_length: int | None = None,
     obs_columns: Sequence[str] = (),
     layer: str | None = None,
     gene_column: str | None = None,
@@ -245,6 +224,8 @@ def tokenize_counts(
 ) -> dict:
     """Rank-value encode raw counts into `out_dir` (parquet shards, vocab.txt, manifest.json); return the manifest.
 
+    `gene_mapping` (Geneformer's ensembl_mapping_dict .pkl for V2) maps alternate ids and symbols to vocabulary
+    ids; `max_length` caps tokens per cell (default 2,048 for v1, 4,096 for v2; V2 cells keep <cls> and <eos>).
     The directory appears only when complete: everything is written to a sibling temp dir, renamed at the end.
     """
     started = time.time()
@@ -253,10 +234,12 @@ def tokenize_counts(
     layout = layout.lower()
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
+    max_genes = genes_per_cell(layout, max_length)
     obs_columns = list(obs_columns)
     clash = [c for c in obs_columns if c in RESERVED_COLUMNS]
     if clash:
-        raise ValueError(f"--obs-columns {clash}: these names are the tokenized columns; rename them in the input")
+        raise ValueError(f"--obs-columns {clash}: these names are written for every cell (tokens, length, and "
+                         f"{CELL_ID} = the row names); rename those columns in the input")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"output {out_dir} exists and is not empty; choose another --out or pass --overwrite")
     if medians is not None and compute_medians:
@@ -272,7 +255,7 @@ def tokenize_counts(
     if chunk_size < 1 or cells_per_shard < 1:
         raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
     settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
-                "allow_non_integer": allow_non_integer}
+                "allow_non_integer": allow_non_integer, "max_genes": max_genes}
 
     symbols = load_symbol_table(gene_names) if gene_names is not None else None
     vocabulary = load_vocabulary(vocab) if vocab is not None else None
@@ -283,7 +266,13 @@ def tokenize_counts(
         logger.warning("%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
                        vocab, CLS, EOS)
 
-    items = _open_inputs(paths, layer, gene_column, symbols, obs_columns)
+    if layout == "v2" and gene_mapping is None:
+        logger.warning("layout v2 without --gene-mapping: genes listed under an alternate Ensembl id are lost; "
+                       "Geneformer V2 maps ids through ensembl_mapping_dict_gc104M.pkl (pass it as --gene-mapping)")
+    mapping = None
+    if gene_mapping is not None:
+        mapping = load_gene_mapping(gene_mapping, keep=set(vocabulary.tokens) if vocabulary is not None else None)
+    items = _open_inputs(paths, layer, gene_column, symbols, mapping, obs_columns)
     try:
         if compute_medians:
             vocabulary, computed, median_table = _compute_medians(items, vocabulary, settings, layout)
@@ -302,7 +291,8 @@ def tokenize_counts(
         manifest = _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard,
                                  overwrite, computed,
                                  describe={"vocab": vocab, "medians": medians, "gene_names": gene_names,
-                                           "compute_medians": compute_medians, "started": started})
+                                           "gene_mapping": gene_mapping, "compute_medians": compute_medians,
+                                           "started": started})
     finally:
         for item in items:
             item.source.close()
@@ -311,7 +301,7 @@ def tokenize_counts(
 
 def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
                   computed_medians, describe) -> dict:
-    max_genes = LAYOUTS[layout]
+    max_genes = settings["max_genes"]
     cls_id, eos_id = (vocabulary.cls_id, vocabulary.eos_id) if layout == "v2" else (None, None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -329,7 +319,7 @@ def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cel
                 columns = {
                     "input_ids": pa.ListArray.from_arrays(pa.array(encoded.offsets), pa.array(encoded.tokens)),
                     "length": pa.array(encoded.lengths, type=pa.int64()),
-                } | {c: _obs_array(obs[c]) for c in obs_columns}
+                } | {c: _obs_array(obs[c]) for c in (CELL_ID, *obs_columns)}
                 table = pa.table(columns)
                 start = 0
                 while start < table.num_rows:
@@ -359,8 +349,13 @@ def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cel
         if stats.no_vocabulary_genes:
             logger.warning("%d cells have no vocabulary gene with a nonzero count and were left out "
                            "(empty droplets?)", stats.no_vocabulary_genes)
+        if stats.rounded_values:
+            logger.info("%d counts in %d cells were within %g of an integer (float noise) and were rounded",
+                        stats.rounded_values, stats.rounded_cells, NEAR_INTEGER)
         if stats.truncated:
-            logger.info("%d cells had more than %d vocabulary genes and were truncated", stats.truncated, max_genes)
+            logger.info("%d of %d cells had more than %d vocabulary genes and were truncated to their top %d%s",
+                        stats.truncated, stats.kept, max_genes, max_genes,
+                        " (between <cls> and <eos>)" if layout == "v2" else "")
         vocabulary.save(tmp_dir / "vocab.txt")
         if computed_medians is not None:
             (tmp_dir / "gene_medians.tsv").write_text(
@@ -393,6 +388,7 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
             "columns_in_vocabulary": int((m.target >= 0).sum()),
             "vocabulary_genes_present": m.n_slots,
             "duplicate_columns_summed": int((m.target >= 0).sum()) - m.n_slots,
+            "renamed_by_gene_mapping": item.renamed_by_mapping,
         })
     return {
         "created_by": "python -m dataset.prepare.tokenize",
@@ -406,20 +402,23 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
         "medians": {"source": "computed from the input (exact nonzero median per gene; file gene_medians.tsv)"
                     if describe["compute_medians"] else path_or_none(describe["medians"])},
         "gene_names": path_or_none(describe["gene_names"]),
+        "gene_mapping": path_or_none(describe["gene_mapping"]),
         "layout": layout,
-        "max_genes": LAYOUTS[layout],
-        "max_tokens": LAYOUTS[layout] + (2 if layout == "v2" else 0),
+        "max_genes": settings["max_genes"],
+        "max_tokens": settings["max_genes"] + (2 if layout == "v2" else 0),
         "tie_break": TIE_BREAK,
         "filters": {"min_counts": settings["min_counts"], "min_genes": settings["min_genes"],
                     "allow_non_integer": settings["allow_non_integer"]},
         "cells": {"read": stats.cells_read, "kept": stats.kept, "filtered_min_counts": stats.filtered_min_counts,
                   "filtered_min_genes": stats.filtered_min_genes, "no_vocabulary_genes": stats.no_vocabulary_genes,
-                  "truncated": stats.truncated, "non_integer": stats.non_integer_cells},
+                  "truncated": stats.truncated, "non_integer": stats.non_integer_cells,
+                  "rounded_near_integer": stats.rounded_cells},
         "genes": genes,
         "counts": {"total_in_kept_cells": stats.counts_total, "in_vocabulary": stats.counts_in_vocabulary,
+                   "rounded_near_integer": stats.rounded_values,
                    "share_in_vocabulary": stats.counts_in_vocabulary / stats.counts_total
                    if stats.counts_total else 0.0},
-        "obs_columns": obs_columns,
+        "obs_columns": [CELL_ID, *obs_columns],
         "shards": stats.shards,
     }
 
@@ -433,14 +432,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab", help="vocab.txt, token_dictionary .pkl or token<TAB>id TSV")
     parser.add_argument("--medians", help="gene_median_dictionary .pkl or gene<TAB>median TSV")
     parser.add_argument("--gene-names", help="symbol -> Ensembl id table (.pkl, or TSV/CSV) when genes are symbols")
+    parser.add_argument("--gene-mapping", help="id/symbol -> vocabulary Ensembl id (.pkl or TSV), e.g. Geneformer V2's "
+                                               "ensembl_mapping_dict_gc104M.pkl; duplicate targets are summed")
     parser.add_argument("--gene-column", help="var column / loom row attribute with gene ids (default: var index; "
                                               "loom: ensembl_id)")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="v1")
+    parser.add_argument("--max-length", type=int, help="tokens per cell, <cls>/<eos> included (default: 2048 for v1, "
+                                                       "4096 for v2); the model's max_position_embeddings")
     parser.add_argument("--obs-columns", default="", help="comma-separated per-cell columns to keep (cell_type,donor)")
     parser.add_argument("--layer", help="matrix to read: X (default), raw, or a layer name")
     parser.add_argument("--min-counts", type=float, default=0, help="drop cells with fewer total counts")
     parser.add_argument("--min-genes", type=int, default=0, help="drop cells with fewer expressed genes")
-    parser.add_argument("--allow-non-integer", action="store_true", help="warn instead of failing on non-integers")
+    parser.add_argument("--allow-non-integer", action="store_true",
+                        help="warn instead of failing on non-integers (counts within 1e-6 of an integer are rounded)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="cells per chunk (bounds memory)")
     parser.add_argument("--cells-per-shard", type=int, default=100_000)
     parser.add_argument("--compute-medians", action="store_true",
@@ -451,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = tokenize_counts(
             args.inputs, args.out, vocab=args.vocab, medians=args.medians, gene_names=args.gene_names,
-            layout=args.layout, obs_columns=[c for c in args.obs_columns.split(",") if c], layer=args.layer,
+            gene_mapping=args.gene_mapping, layout=args.layout, max_length=args.max_length,
+            obs_columns=[c for c in args.obs_columns.split(",") if c], layer=args.layer,
             gene_column=args.gene_column, min_counts=args.min_counts, min_genes=args.min_genes,
             allow_non_integer=args.allow_non_integer, chunk_size=args.chunk_size,
             compute_medians=args.compute_medians, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
