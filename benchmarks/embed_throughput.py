@@ -25,8 +25,9 @@ from dataset.builtin_corpus import write_builtin_corpus  # noqa: E402
 from dataset.corpus import CellCorpus  # noqa: E402
 from dataset.vocab import Vocabulary  # noqa: E402
 from embedding.cells import CellChunk  # noqa: E402
-from embedding.job import _autocast, embed_chunk  # noqa: E402
+from embedding.job import embed_chunk  # noqa: E402
 from embedding.model_dir import open_model_dir  # noqa: E402
+from model.cell_embeddings import inference_autocast  # noqa: E402
 from modeling_bert_te import BertTEConfig, build_model, count_parameters  # noqa: E402
 
 MODELS = ("10m", "4m", "3m", "2m")
@@ -50,7 +51,7 @@ def time_models(dirs: dict[str, Path], cells: list[np.ndarray], args: argparse.N
     loaded = {name: open_model_dir(d) for name, d in dirs.items()}
     options = argparse.Namespace(max_tokens=args.max_tokens, layer=-1, pooling="mean", dtype="float32")
     chunk = CellChunk(0, np.arange(len(cells)), cells)
-    autocast = _autocast("auto", device)
+    autocast = inference_autocast("auto", device)
     for model in loaded.values():
         model.model.to(device)
         embed_chunk(model, CellChunk(0, np.arange(8), cells[:8]), options, device, autocast)  # warm-up

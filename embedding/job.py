@@ -6,8 +6,6 @@ Chunk k belongs to rank k % world_size, so any world size continues an interrupt
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import logging
 import os
 import time
@@ -25,7 +23,7 @@ from embedding.cells import CellChunk, CorpusCells, CountCells, is_count_file
 from embedding.model_dir import EmbeddingModel, file_sha256, open_model_dir
 from embedding.outputs import chunk_arrays, write_h5ad, write_parquet
 from embedding.parts import PartStore
-from model.cell_embeddings import PooledCells, check_layer, check_pooling, pool_cells
+from model.cell_embeddings import PooledCells, check_layer, check_pooling, inference_autocast, pool_cells
 from training.distributed import DistributedContext
 
 log = logging.getLogger("embed")
@@ -73,13 +71,6 @@ def run_plan(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCell
     if isinstance(cells, CountCells):
         plan["tokenizer"] = {k: str(v) if isinstance(v, Path) else v for k, v in cells.options.items()}
     return plan
-
-
-def _autocast(precision: str, device: torch.device):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
 def embed_chunk(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespace, device: torch.device,
@@ -141,7 +132,7 @@ def embed(args: argparse.Namespace, ctx: DistributedContext) -> Path | None:
     mine = [k for k in range(n_chunks) if k % ctx.world_size == ctx.rank and k not in done]
     wanted = set(mine).__contains__
     loaded.model.to(ctx.device)
-    autocast = _autocast(args.precision, ctx.device)
+    autocast = inference_autocast(args.precision, ctx.device)
     total = sum(min(args.chunk_cells, cells.n_rows - k * args.chunk_cells) for k in mine)
     started = time.perf_counter()
     try:

@@ -6,6 +6,7 @@ The one implementation behind `embed.py` and `evaluate.py`: cells run packed, wi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ POOLINGS = ("mean", "cls")  # mean over gene tokens; the first token (<cls> in V
 class PooledCells:
     vectors: np.ndarray  # float32 [n, hidden]
     probabilities: np.ndarray | None = None  # float32 [n, classes], for a classifier
+
+
+def inference_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """`--precision` of the inference tools: auto = bf16 autocast on CUDA and fp32 on CPU; fp32; bf16."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
