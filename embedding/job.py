@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -167,7 +166,7 @@ def record(args: argparse.Namespace, loaded: EmbeddingModel, store: PartStore, c
                                         "sha256": file_sha256(vocab_file)},
             "labels": loaded.labels, "world_size": ctx.world_size, "device": str(ctx.device),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_launch_seconds": round(seconds, 3),
-            "created_by": "embed.py", "pid": os.getpid()}
+            "created_by": "embed.py"}
 
 
 def write_output(args: argparse.Namespace, loaded: EmbeddingModel, cells, store: PartStore, n_chunks: int,
