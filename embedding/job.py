@@ -126,24 +126,9 @@ def embed(args: argparse.Namespace, ctx: DistributedContext) -> Path | None:
     if ctx.is_main:
         store.prepare(args.overwrite)
     barrier()
-    done = store.done_chunks()
     n_chunks = -(-cells.n_rows // args.chunk_cells)
-    mine = [k for k in range(n_chunks) if k % ctx.world_size == ctx.rank and k not in done]
-    wanted = set(mine).__contains__
-    loaded.model.to(ctx.device)
-    autocast = inference_autocast(args.precision, ctx.device)
-    total = sum(min(args.chunk_cells, cells.n_rows - k * args.chunk_cells) for k in mine)
     started = time.perf_counter()
-    try:
-        with tqdm(total=total, unit="cell", disable=not ctx.is_main or args.no_progress, smoothing=0.1,
-                  desc=f"embedding (rank 0 of {ctx.world_size})") as progress:
-            for chunk in cells.chunks(wanted):
-                store.write(chunk.index, chunk.rows, *embed_or_empty(loaded, chunk, args, ctx.device, autocast))
-                progress.update(min(args.chunk_cells, cells.n_rows - chunk.index * args.chunk_cells))
-    except USER_ERRORS:
-        if ctx.world_size == 1 and not store.done_chunks():
-            store.finish()  # bad input found before any work was kept: leave nothing behind
-        raise
+    embed_share(args, loaded, cells, store, n_chunks, ctx)
     seconds = time.perf_counter() - started
     barrier()
     if not ctx.is_main:
@@ -155,6 +140,26 @@ def embed(args: argparse.Namespace, ctx: DistributedContext) -> Path | None:
     store.finish()
     log.info("wrote %d cells to %s", cells.n_rows, out)
     return out
+
+
+def embed_share(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCells | CountCells,
+                store: PartStore, n_chunks: int, ctx: DistributedContext) -> None:
+    """This rank's chunks (k % world_size == rank) not yet done, each kept as a part file when finished."""
+    done = store.done_chunks()
+    mine = [k for k in range(n_chunks) if k % ctx.world_size == ctx.rank and k not in done]
+    loaded.model.to(ctx.device)
+    autocast = inference_autocast(args.precision, ctx.device)
+    rows_of = {k: min(args.chunk_cells, cells.n_rows - k * args.chunk_cells) for k in mine}
+    try:
+        with tqdm(total=sum(rows_of.values()), unit="cell", disable=not ctx.is_main or args.no_progress,
+                  smoothing=0.1, desc=f"embedding (rank 0 of {ctx.world_size})") as progress:
+            for chunk in cells.chunks(rows_of.__contains__):
+                store.write(chunk.index, chunk.rows, *embed_or_empty(loaded, chunk, args, ctx.device, autocast))
+                progress.update(rows_of[chunk.index])
+    except USER_ERRORS:
+        if ctx.world_size == 1 and not store.done_chunks():
+            store.finish()  # bad input found before any work was kept: leave nothing behind
+        raise
 
 
 def record(args: argparse.Namespace, loaded: EmbeddingModel, store: PartStore, ctx: DistributedContext,

@@ -272,6 +272,7 @@ def test_normalized_counts_and_counts_without_vocabulary_genes_are_refused(v1, t
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*.parquet*"))
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_and_exit_code_2(v1, tmp_path):
     out = tmp_path / "cells.parquet"
     out.write_text("precious")
