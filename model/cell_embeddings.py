@@ -65,8 +65,10 @@ def pack_cells(cells: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
 def _segment_mean(hidden: torch.Tensor, cell_of_token: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of the kept rows of `hidden` [T, H] within each cell, in float32."""
     weights = keep.to(torch.float32)
-    sums = torch.zeros(n, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, cell_of_token, hidden.float() * weights[:, None])
+    # A sparse [n, T] selection times the hidden states: several times faster on CPU than index_add_.
+    at = torch.stack([cell_of_token, torch.arange(len(cell_of_token), device=hidden.device)])
+    select = torch.sparse_coo_tensor(at, weights, (n, hidden.shape[0]), is_coalesced=True, check_invariants=False)
+    sums = torch.sparse.mm(select, hidden.float())
     counts = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add_(0, cell_of_token, weights)
     if bool((counts == 0).any()):
         raise ValueError("a cell has no gene tokens (only special tokens); it has no mean embedding")
