@@ -79,8 +79,8 @@ class CountCells:
         self.path, self.vocab, self.max_length, self.chunk_cells = path, vocab, max_length, chunk_cells
         self.options = options
         self.format = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
-        self.cell_ids = input_cell_ids(path, self.format)
-        self.n_rows = len(self.cell_ids)
+        self.obs = input_obs(path, self.format)
+        self.n_rows = len(self.obs)
         self._wanted: Callable[[int], bool] = lambda k: True
         # Opened now, so that a gene list without vocabulary genes is refused before any work starts.
         self._encoded = encode_counts(path, vocab=vocab, chunk_size=chunk_cells,
@@ -94,21 +94,30 @@ class CountCells:
                 yield CellChunk(chunk.index, chunk.rows, [c[: self.max_length] for c in chunk.cells])
 
     def columns(self) -> dict[str, np.ndarray | list]:
-        return {"cell_id": self.cell_ids}
+        """cell_id and, for an .h5ad, every obs column (categories as strings, missing values as null)."""
+        columns = {"cell_id": [str(v) for v in self.obs.index]}
+        for name in self.obs.columns:
+            values = self.obs[name]
+            numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+            columns[name] = values.to_numpy() if numeric else [None if pd.isna(v) else str(v) for v in values]
+        return columns
 
 
-def input_cell_ids(path: Path, fmt: str) -> list[str]:
-    """Every input cell's id in row order: obs_names (.h5ad), CellID (.loom, else the row), a table's first column."""
+def input_obs(path: Path, fmt: str) -> pd.DataFrame:
+    """Every input cell in row order, indexed by its id: obs (.h5ad), CellID (.loom, else the row number), or a
+    table's first column."""
     if fmt == "h5ad":
         from anndata.io import read_elem
 
         with h5py.File(path, "r") as f:
-            return [str(v) for v in read_elem(f["obs"]).index]
+            return read_elem(f["obs"])
     if fmt == "loom":
         with h5py.File(path, "r") as f:
             attrs = f["col_attrs"]
             if "CellID" in attrs:
-                return [v.decode() if isinstance(v, bytes) else str(v) for v in attrs["CellID"][:]]
-            return [str(i) for i in range(f["matrix"].shape[1])]
+                ids = [v.decode() if isinstance(v, bytes) else str(v) for v in attrs["CellID"][:]]
+            else:
+                ids = [str(i) for i in range(f["matrix"].shape[1])]
+        return pd.DataFrame(index=ids)
     sep = "," if fmt == "csv" else "\t"
-    return pd.read_csv(path, sep=sep, usecols=[0]).iloc[:, 0].astype(str).tolist()
+    return pd.DataFrame(index=pd.read_csv(path, sep=sep, usecols=[0]).iloc[:, 0].astype(str))

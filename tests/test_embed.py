@@ -191,6 +191,15 @@ def test_h5ad_round_trip_keeps_obs_var_obsm_and_marks_filtered_cells(v1, tmp_pat
     assert json.loads(after.uns[RECORD_KEY]["X_geneformer"])["tokenizer"]["min_counts"] == 2
 
 
+def test_h5ad_counts_give_parquet_with_obs_columns_when_asked_for_parquet(v1, tmp_path):
+    source = _counts_h5ad(tmp_path / "cells.h5ad")
+    table, vectors = _read(_run(v1["model"], source, tmp_path / "cells.parquet",
+                                "--medians", str(_medians(tmp_path / "medians.tsv"))))
+    assert table.column("cell_id").to_pylist() == [f"bc{i}" for i in range(30)]
+    assert table.column("cell_type").to_pylist()[:3] == ["t0", "t1", "t0"]
+    assert not table.column("embedded").to_pylist()[3] and np.isnan(vectors[3]).all()
+
+
 def test_csv_counts_give_parquet_with_every_cell_id(v1, tmp_path):
     adata = anndata.read_h5ad(_counts_h5ad(tmp_path / "cells.h5ad"))
     frame = pd.DataFrame(adata.X.toarray().astype(int), index=adata.obs_names, columns=adata.var_names)
