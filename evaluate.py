@@ -7,8 +7,6 @@ probes, PCA figures and training curves; `torchrun` shares the cells over ranks.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import logging
 import re
@@ -30,6 +28,7 @@ from evaluation.embeddings import CellEmbeddings, check_layer, extract_embedding
 from evaluation.figures import plot_embedding_pca
 from evaluation.probes import probe_embeddings, stratified_split
 from evaluation.similarity import linear_cka, mean_cosine
+from model.cell_embeddings import inference_autocast
 from modeling_bert_te import BertForMaskedLM, count_parameters
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
@@ -152,13 +151,6 @@ def resolve_labels(corpus: CellCorpus, requested: str | None) -> str | None:
     return requested
 
 
-def _autocast(precision: str, device: torch.device):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
 def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
     """Runs every measurement; returns the results on rank 0 (None elsewhere) after writing them to --out."""
     models = load_models(args.models, ctx.device)
@@ -177,7 +169,7 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
     cells = choose_cells(len(corpus), args)
     label_column = resolve_labels(corpus, args.label_column)
     batches = fixed_batches(corpus, vocab, cells, args, ctx)
-    autocast = _autocast(args.precision, ctx.device)
+    autocast = inference_autocast(args.precision, ctx.device)
 
     with autocast():
         mlm = masked_lm_metrics(models, batches, ctx.device)

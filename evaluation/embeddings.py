@@ -1,6 +1,6 @@
-"""Cell embeddings: the mean over a cell's gene tokens of one layer's hidden states, written as parquet.
+"""Cell embeddings of evaluate.py's masked-LM batches (mean over gene tokens of one layer), written as parquet.
 
-Special tokens (<cls>, <eos>, <pad>, <mask>) and padding never enter the mean.
+The forward pass and pooling are model.cell_embeddings', shared with embed.py; special tokens never enter the mean.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from common.device import move_batch
+from model.cell_embeddings import check_layer, pool_cells
 
 
 @dataclass
@@ -38,39 +38,13 @@ def unmasked_input_ids(batch: dict) -> torch.Tensor:
     return torch.where(labels != -100, labels, batch["input_ids"])
 
 
-def gene_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    special_ids: tuple[int, ...]) -> torch.Tensor:
-    """True at real gene tokens: inside the cell (attention mask) and not a special token."""
-    mask = ~torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype, device=input_ids.device))
-    if attention_mask is not None:
-        mask &= attention_mask.bool()
-    return mask
-
-
-def mean_over_genes(hidden: torch.Tensor, gene_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S, H] hidden states -> [B, H] mean over each cell's gene tokens (in float32)."""
-    weights = gene_mask.to(torch.float32).unsqueeze(-1)
-    counts = weights.sum(dim=1)
-    if bool((counts == 0).any()):
-        raise ValueError("a cell has no gene tokens (only special tokens or padding); it has no embedding")
-    return (hidden.float() * weights).sum(dim=1) / counts
-
-
-def check_layer(model: nn.Module, layer: int) -> int:
-    """The index into `hidden_states` (0 = embeddings output, L = last layer; negative counts from the end)."""
-    n = len(model.bert.encoder.layer)
-    if not -(n + 1) <= layer <= n:
-        raise ValueError(f"--layer {layer} is out of range for a model of {n} layers; use -{n + 1}..{n} "
-                         "(0 = embedding output, -1 = last layer)")
-    return layer
-
-
 @torch.no_grad()
 def extract_embeddings(model: nn.Module, batches: Iterable[dict], *, layer: int, special_ids: tuple[int, ...],
                        device: torch.device,
                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                        ) -> CellEmbeddings:
-    """Embeddings of every cell in `batches` (masked-LM batches; the unmasked tokens are restored)."""
+    """Mean gene-token embeddings of every cell in `batches` (masked-LM batches; the unmasked tokens are
+    restored), computed by the same packed forward pass as `embed.py`, so both give the same vectors."""
     check_layer(model, layer)
     was_training = model.training
     model.eval()
@@ -78,21 +52,19 @@ def extract_embeddings(model: nn.Module, batches: Iterable[dict], *, layer: int,
     seconds = 0.0
     try:
         for batch in batches:
-            batch = move_batch(batch, device)
             input_ids = unmasked_input_ids(batch)
             attention_mask = batch.get("attention_mask")
-            # All-ignored labels: the model decodes no positions, so no full-vocabulary logits are computed.
-            no_labels = torch.full_like(input_ids, -100)
+            lengths = (attention_mask.sum(1) if attention_mask is not None
+                       else torch.full((len(input_ids),), input_ids.shape[1])).tolist()
+            cells = [row[:n].numpy() for row, n in zip(input_ids, lengths, strict=True)]
             _synchronize(device)
             start = time.perf_counter()
-            with autocast():
-                out = model(input_ids=input_ids, attention_mask=attention_mask, labels=no_labels,
-                            output_hidden_states=True)
-            pooled = mean_over_genes(out.hidden_states[layer], gene_token_mask(input_ids, attention_mask, special_ids))
+            pooled = pool_cells(model, cells, layer=layer, pooling="mean", special_ids=special_ids,
+                                device=device, autocast=autocast)
             _synchronize(device)
             seconds += time.perf_counter() - start
             indices.append(batch["cell_index"].cpu().numpy())
-            vectors.append(pooled.cpu().numpy().astype(np.float32))
+            vectors.append(pooled.vectors)
     finally:
         model.train(was_training)
     if not indices:

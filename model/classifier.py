@@ -99,15 +99,18 @@ class BertForCellClassification(nn.Module):
         for module in (self.bert.embeddings, *self.bert.encoder.layer[:n_layers]):
             module.requires_grad_(False)
 
+    def classify_first_tokens(self, first_token: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_labels] from each cell's first-token last hidden state [B, H]."""
+        # Stock BERT pools the first token (a <cls> in V2 vocabularies, the top-ranked gene in V1).
+        return self.classifier(self.dropout(self.bert.pooler(first_token)))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ClassifierOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
         layout, position_ids = padded_layout(input_ids, attention_mask)
         h, _, _ = self.bert.encode(input_ids, layout, position_ids, input_ids.shape[1])
-        # Stock BERT pools the first token (a <cls> in V2 vocabularies, the top-ranked gene in V1).
-        logits = self.classifier(self.dropout(self.bert.pooler(h[:, 0])))
-        out = ClassifierOutput(logits=logits)
+        out = ClassifierOutput(logits=self.classify_first_tokens(h[:, 0]))
         if labels is not None:
-            out.loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+            out.loss = F.cross_entropy(out.logits.float(), labels, ignore_index=-100)
         return out

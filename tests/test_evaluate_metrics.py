@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.vocab import Vocabulary
 from evaluation.embeddings import (
     CellEmbeddings,
     extract_embeddings,
-    gene_token_mask,
-    mean_over_genes,
     read_embeddings,
     unmasked_input_ids,
     write_embeddings,
@@ -99,17 +96,6 @@ def _tiny_model(vocab_size: int = 40) -> BertForMaskedLM:
     torch.manual_seed(0)
     return BertForMaskedLM(BertTEConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
-
-
-def test_mean_over_genes_excludes_special_tokens_and_padding():
-    vocab = Vocabulary(("<pad>", "<mask>", "<cls>", "<eos>") + tuple(f"G{i}" for i in range(4, 10)))
-    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
-    attention = (ids != 0).long()
-    mask = gene_token_mask(ids, attention, vocab.special_ids)
-    assert mask.tolist() == [[False, True, True, False, False], [False, True, False, False, False]]
-    hidden = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2).repeat(2, 1, 1)
-    pooled = mean_over_genes(hidden, mask)
-    assert pooled.tolist() == [[3.0, 4.0], [2.0, 3.0]]  # rows 1-2 averaged; row 1 alone
 
 
 def test_a_cells_embedding_does_not_depend_on_its_batch_padding():

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = {"v1": 2048, "v2": 4094}  # genes per cell; V2 adds <cls> and <eos> for 4,096 tokens
 RESERVED_COLUMNS = ("input_ids", "length", CELL_ID)
+INPUT_ROW = "_input_row"  # obs key of each cell's row in its input (to mark filtered cells); never written
 # Token ids are near-random 15-bit numbers: delta + bit packing (a long-standing Parquet encoding every reader
 # knows) stores them as compactly as pyarrow's default dictionary + snappy, writes ~2x faster, reads as fast.
 PARQUET_OPTIONS = {
@@ -111,6 +112,7 @@ def _passing_chunks(
         checked = check_counts(matrix, f"{item.source.path}: {item.source.matrix}", first_row,
                                allow_non_integer=settings["allow_non_integer"])
         matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
+        obs = obs | {INPUT_ROW: np.arange(first_row, first_row + matrix.shape[0])}  # filters keep them aligned
         first_row += matrix.shape[0]
         totals = _row_sums(matrix)
         n_expressed = _row_nonzeros(matrix) if settings["min_genes"] > 0 else None
@@ -279,15 +281,7 @@ def tokenize_counts(
         else:
             computed, median_table = None, load_medians(medians)
         for item in items:
-            item.column_map = build_column_map(item.ensembl_ids, vocabulary, median_table,
-                                               source=str(item.source.path))
-            if item.column_map.n_slots == 0:
-                src = item.source
-                raise ValueError(
-                    f"{src.path}: none of the {len(src.gene_names)} genes in {src.gene_column} "
-                    f"(e.g. {src.gene_names[:3]}) is in the vocabulary. Fix: pass --gene-names with a symbol -> "
-                    "Ensembl table if genes are symbols, or --gene-column naming the Ensembl id column"
-                )
+            _map_columns(item, vocabulary, median_table)
         manifest = _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard,
                                  overwrite, computed,
                                  describe={"vocab": vocab, "medians": medians, "gene_names": gene_names,
@@ -297,6 +291,17 @@ def tokenize_counts(
         for item in items:
             item.source.close()
     return manifest
+
+
+def _map_columns(item: _Input, vocabulary: Vocabulary, median_table: dict[str, float]) -> None:
+    item.column_map = build_column_map(item.ensembl_ids, vocabulary, median_table, source=str(item.source.path))
+    if item.column_map.n_slots == 0:
+        src = item.source
+        raise ValueError(
+            f"{src.path}: none of the {len(src.gene_names)} genes in {src.gene_column} "
+            f"(e.g. {src.gene_names[:3]}) is in the vocabulary. Fix: pass --gene-names with a symbol -> "
+            "Ensembl table if genes are symbols, or --gene-column naming the Ensembl id column"
+        )
 
 
 def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
@@ -421,6 +426,90 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
         "obs_columns": [CELL_ID, *obs_columns],
         "shards": stats.shards,
     }
+
+
+@dataclass
+class EncodedCounts:
+    """One chunk of an input's cells, encoded in memory: rows [first_row, first_row + n_rows) of the input."""
+
+    index: int
+    first_row: int
+    n_rows: int
+    rows: np.ndarray  # int64 input rows of the cells that passed the filters, ascending
+    cells: list[np.ndarray]  # their token ids, exactly as tokenize_counts writes them
+    obs: dict[str, np.ndarray]  # the chosen per-cell columns of those cells
+
+
+class _SkippedChunks:
+    """A count source whose chunks `skip(k)` arrive without counts, so none of their cells is encoded."""
+
+    def __init__(self, source: CountSource, skip) -> None:
+        self.source, self.skip, self.sizes = source, skip, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def iter_chunks(self, chunk_size: int, obs_columns: Sequence[str] = ()):
+        for k, (matrix, obs) in enumerate(self.source.iter_chunks(chunk_size, obs_columns)):
+            self.sizes.append(matrix.shape[0])
+            yield (sp.csr_matrix(matrix.shape) if self.skip(k) else matrix), obs
+
+
+def encode_counts(
+    path: str | os.PathLike, *, vocab: Vocabulary, medians: str | os.PathLike, gene_names=None,
+    gene_mapping: str | os.PathLike | None = None, layout: str = "v1", max_length: int | None = None,
+    obs_columns: Sequence[str] = (), layer: str | None = None, gene_column: str | None = None,
+    min_counts: float = 0, min_genes: int = 0, allow_non_integer: bool = False, chunk_size: int = 1024,
+    skip_chunk=None,
+) -> Iterator[EncodedCounts]:
+    """Every chunk of one count file (chunk k = rows [k * chunk_size, ...)) rank-value encoded in memory with the
+    same filters and encoding as `tokenize_counts`; chunks `skip_chunk(k)` come back with no cells encoded.
+    Options, gene names and the vocabulary are checked at the call, before the first chunk is read."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
+    settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
+                "allow_non_integer": allow_non_integer, "max_genes": genes_per_cell(layout, max_length)}
+    symbols = load_symbol_table(gene_names) if gene_names is not None else None
+    mapping = load_gene_mapping(gene_mapping, keep=set(vocab.tokens)) if gene_mapping is not None else None
+    median_table = load_medians(medians)
+    [item] = _open_inputs([Path(path)], layer, gene_column, symbols, mapping, obs_columns)
+    try:
+        _map_columns(item, vocab, median_table)
+    except BaseException:
+        item.source.close()
+        raise
+    item.source = _SkippedChunks(item.source, skip_chunk or (lambda k: False))
+    return _encoded_chunks(item, vocab, layout, settings, obs_columns)
+
+
+def _encoded_chunks(item: _Input, vocab: Vocabulary, layout: str, settings: dict,
+                    obs_columns: Sequence[str]) -> Iterator[EncodedCounts]:
+    source = item.source
+    try:
+        cls_id, eos_id = (vocab.cls_id, vocab.eos_id) if layout == "v2" else (None, None)
+        reported = 0
+        for aggregated, totals, obs in _passing_chunks(item, item.column_map, settings, None, obs_columns):
+            encoded = encode_chunk(aggregated, totals, item.column_map, max_genes=settings["max_genes"],
+                                   cls_id=cls_id, eos_id=eos_id)
+            while reported < len(source.sizes) - 1:  # earlier chunks in which no cell passed the filters
+                yield _chunk(source.sizes, reported, None, None)
+                reported += 1
+            yield _chunk(source.sizes, reported, encoded, obs)
+            reported += 1
+        while reported < len(source.sizes):
+            yield _chunk(source.sizes, reported, None, None)
+            reported += 1
+    finally:
+        item.source.close()
+
+
+def _chunk(sizes: list[int], k: int, encoded, obs) -> EncodedCounts:
+    first = int(sum(sizes[:k]))
+    if encoded is None:
+        return EncodedCounts(k, first, sizes[k], np.zeros(0, np.int64), [], {})
+    cells = np.split(encoded.tokens, encoded.offsets[1:-1])
+    rows = obs.pop(INPUT_ROW).astype(np.int64)
+    return EncodedCounts(k, first, sizes[k], rows, cells, obs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

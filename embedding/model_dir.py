@@ -1,0 +1,71 @@
+"""Open any exported model directory for embedding: a masked-LM (train.py, distill.py, stock BERT) or a classifier.
+
+It must hold config.json, weights and vocab.txt; the weights' SHA-256 goes into the output's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from dataset.vocab import Vocabulary
+from model.classifier import BertForCellClassification
+from modeling_bert_te import BertForMaskedLM
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class EmbeddingModel:
+    model: nn.Module
+    vocab: Vocabulary
+    path: Path
+    weights_file: Path
+    weights_sha256: str
+    labels: list[str] | None  # class names of a classifier, in class-id order; None for a masked-LM
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_classifier(config: dict) -> bool:
+    return any("SequenceClassification" in a for a in config.get("architectures") or [])
+
+
+def open_model_dir(path: str | Path) -> EmbeddingModel:
+    """The model of `path` in eval mode with its vocabulary; errors name the missing file and the fix."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json; give an exported model directory "
+                                "(final_model of train.py / distill.py / finetune.py, or a stock BERT directory)")
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"model directory {path} holds no weights (model.safetensors or "
+                                "pytorch_model.bin); export the model again or point at its final_model folder")
+    if not (path / "vocab.txt").is_file():
+        raise FileNotFoundError(f"model directory {path} has no vocab.txt; copy the vocabulary the model was "
+                                "trained with into it as vocab.txt (one token a line)")
+    vocab = Vocabulary.load(path / "vocab.txt")
+    config = json.loads((path / "config.json").read_text())
+    if vocab.size != config.get("vocab_size"):
+        raise ValueError(f"{path / 'vocab.txt'} has {vocab.size} tokens but config.json has vocab_size "
+                         f"{config.get('vocab_size')}; put the model's own vocabulary beside it")
+    if _is_classifier(config):
+        model = BertForCellClassification.from_pretrained(path)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    else:
+        model, labels = BertForMaskedLM.from_pretrained(path), None
+    return EmbeddingModel(model.eval(), vocab, path, weights, file_sha256(weights), labels)
