@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from distillation.student_init import init_student_from_teacher
@@ -33,6 +32,7 @@ from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.evaluation import format_side_by_side
+from training.hydra_main import recipe_main
 from training.parallelize import compile_layers, compute_dtype
 from training.pretrain import pretrain
 from training.run import Task, run_training
@@ -118,7 +118,7 @@ def distil(run: RunConfig, ctx: DistributedContext) -> None:
         report(run, ctx, task, Path(run.output_dir) / "distill.jsonl")
 
 
-@hydra.main(config_path="hydra_config/distill", config_name="l0_sanity", version_base=None)
+@recipe_main(config_path="hydra_config/distill", config_name="l0_sanity")
 def main(cfg: DictConfig) -> None:
     run_entry(cfg, distil, section="distill")
 

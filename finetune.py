@@ -12,7 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from finetuning.data import build_classification_data
@@ -23,6 +22,7 @@ from modeling_bert_te import BertTEConfig
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
+from training.hydra_main import recipe_main
 from training.pretrain import pretrain
 from training.run import Task, run_training
 
@@ -96,7 +96,7 @@ def write_report(output_dir: Path) -> None:
               f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells)")
 
 
-@hydra.main(config_path="hydra_config/finetune", config_name="l0_sanity", version_base=None)
+@recipe_main(config_path="hydra_config/finetune", config_name="l0_sanity")
 def main(cfg: DictConfig) -> None:
     run_entry(cfg, finetune, section="finetune")
 
