@@ -33,6 +33,7 @@ from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.evaluation import format_side_by_side
 from training.hydra_main import recipe_main
+from training.metrics_log import job_wandb, stage_wandb
 from training.parallelize import compile_layers, compute_dtype
 from training.pretrain import pretrain
 from training.run import Task, run_training
@@ -49,7 +50,7 @@ def teacher_run_config(run: RunConfig) -> RunConfig:
     # The teacher reads cells truncated as the student will see them.
     model = {**model_config_by_name(cfg.teacher_model), "max_position_embeddings": run.model["max_position_embeddings"]}
     return dataclasses.replace(run, output_dir=str(out), model=model,
-                               training=training, distill=None,
+                               training=training, distill=None, logging=stage_wandb(run, "teacher"),
                                checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
 
 
@@ -108,6 +109,7 @@ def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Pa
 
 
 def distil(run: RunConfig, ctx: DistributedContext) -> None:
+    run = dataclasses.replace(run, logging=job_wandb(run))  # a pretrained teacher's W&B run joins this one's group
     student_config = model_config_from_dict(run.model)
     teacher_dir = resolve_teacher(run, ctx)
     data = build_data(run, ctx, vocab_size=student_config.vocab_size,

@@ -6,6 +6,7 @@ Unknown keys, wrong types and out-of-range values fail here, before any heavy wo
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -157,11 +158,17 @@ class LoggingConfig:
     wandb: bool = False
     wandb_mode: str = "offline"  # offline | online
     wandb_project: str = "geneformer-recipe"
+    wandb_entity: str | None = None  # W&B team or user; None = your default entity
+    wandb_name: str | None = None  # None = the output folder's name
+    wandb_group: str | None = None  # None = none, but distill.py groups its teacher with its student, a sweep its jobs
+    wandb_tags: list[str] = field(default_factory=list)
     plot: bool = True
 
     def validate(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be > 0")
         _one_of(self.wandb_mode, "logging.wandb_mode", ("offline", "online"))
+        _require(not self.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+                 "true, but wandb is not installed: pip install -r requirements.txt, or set logging.wandb=false")
 
 
 @dataclass

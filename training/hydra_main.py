@@ -64,14 +64,19 @@ def one_line(error: Exception) -> str:
 
 
 def place_sweep_job(cfg: DictConfig) -> None:
-    """In a sweep, point the job's output_dir (and so its checkpoints) at <sweep dir>/<job number>.
+    """In a sweep, point the job's output_dir (and so its checkpoints) at <sweep dir>/<job number>; its W&B run
+    joins the sweep's group.
 
     base.yaml's hydra.sweep.subdir puts hydra's own files of the job in <job number>/hydra, beside it.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
-    cfg.output_dir = str(Path(hydra_cfg.sweep.dir) / str(hydra_cfg.job.num))
+    sweep = Path(hydra_cfg.sweep.dir)
+    cfg.output_dir = str(sweep / str(hydra_cfg.job.num))
+    # W&B shows the jobs of one sweep as one group, each named by its sweep and number.
+    cfg.logging.wandb_group = cfg.logging.wandb_group or sweep.name
+    cfg.logging.wandb_name = cfg.logging.wandb_name or f"{sweep.name}-{hydra_cfg.job.num}"
     checkpoints = Path(cfg.checkpoint.dir).resolve()
     if not checkpoints.is_relative_to(Path(cfg.output_dir).resolve()):
         raise ConfigError(f"config 'checkpoint.dir': {checkpoints} is shared by every job of this sweep, so each "
