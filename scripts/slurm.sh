@@ -16,9 +16,9 @@ shift
 SCRIPT=${SCRIPT:-train.py}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 RDZV_PORT=${RDZV_PORT:-29500}
-# How long an agent lets its ranks finish the preemption checkpoint before it kills them: within --signal's 300 s
-# lead time above. Raise both for a model whose checkpoint takes longer.
-SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-270}
+# How long an agent lets its ranks finish the preemption checkpoint before it kills them (torch 2.11 and newer; older
+# agents wait 30 s): within --signal's 300 s lead time above. Raise both for a model whose checkpoint takes longer.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-270}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 # --signal above sends SIGUSR1 to this script five minutes before the time limit. srun passes SIGTERM on to the
@@ -26,7 +26,7 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 trap 'kill -TERM "$SRUN_PID" 2>/dev/null' USR1
 
 srun --kill-on-bad-exit=1 bash "$SLURM_SUBMIT_DIR/scripts/torchrun_node.sh" \
-    --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
+    --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID" \
     "$SCRIPT" --config-name "$CONFIG" "$@" &
 SRUN_PID=$!

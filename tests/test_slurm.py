@@ -39,6 +39,21 @@ def _job(tmp: Path, overrides: list[str], gpus: int) -> subprocess.Popen:
                             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _agent_environment(job_pid: int) -> dict[str, str]:
+    """The environment of the torchrun agent the job started (a descendant of the batch script)."""
+    pending = [job_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            if Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode()).name == "torchrun":
+                pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                return dict(item.decode().split("=", 1) for item in pairs if b"=" in item)
+            pending += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (FileNotFoundError, IndexError):
+            continue
+    raise AssertionError("no torchrun agent under the job")
+
+
 def test_a_failing_run_fails_the_slurm_job(tmp_path):
     with _job(tmp_path, ["training.strategy=zero3"], gpus=1) as job:
         _, stderr = job.communicate(timeout=240)
@@ -53,6 +68,8 @@ def test_a_preempted_slurm_job_exits_0_once_its_checkpoint_has_committed(tmp_pat
         deadline = time.monotonic() + 240
         while not (metrics.is_file() and train_losses(metrics)) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        # The agent waits long enough for a large model's checkpoint, not torch's default 30 s.
+        assert _agent_environment(job.pid)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "270"
         job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does before the time limit
         _, stderr = job.communicate(timeout=240)
     assert job.returncode == 0, stderr[-4000:]
