@@ -34,9 +34,9 @@ def test_a_two_job_learning_rate_sweep_gives_two_trained_runs_each_with_its_own_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin", "cache", "outputs"]  # no multirun/ beside them
 
 
-def test_a_sweep_under_torchrun_must_name_its_folder_so_that_all_ranks_agree(tmp_path):
+def test_a_sweep_under_torchrun_is_refused_in_one_line_before_any_job_starts(tmp_path):
     sweep = ["hydra.mode=MULTIRUN", "training.lr=1e-3,2e-3"]
     done = run_entry("train.py", sweep, tmp=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"}, check=False, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "add hydra.sweep.dir=outputs/sweeps/<name>" in done.stderr
+    assert "launch one torchrun per setting instead" in done.stderr
     assert not list(tmp_path.rglob("train.jsonl"))  # no job started

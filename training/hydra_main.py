@@ -72,11 +72,10 @@ def place_sweep_job(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
-    chosen = any(item.startswith("hydra.sweep.dir=") for item in hydra_cfg.overrides.hydra)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not chosen:
-        # Each rank composes the sweep itself; the default folder's timestamp may differ by a second between them.
-        raise ConfigError("a sweep under torchrun needs its folder named, so that every rank writes each job to the "
-                          "same place: add hydra.sweep.dir=outputs/sweeps/<name>")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Hydra runs a sweep's jobs one after another in one process, and a process group cannot start twice.
+        raise ConfigError("a sweep (-m) runs its jobs one after another in one process, which torchrun's ranks "
+                          "cannot; launch one torchrun per setting instead, each with its own output_dir")
     sweep = Path(hydra_cfg.sweep.dir)
     cfg.output_dir = str(sweep / str(hydra_cfg.job.num))
     # W&B shows the jobs of one sweep as one group, each named by its sweep and number.
