@@ -85,12 +85,13 @@ def test_command_line_tools_report_a_missing_model_in_one_line(tmp_path, tool):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("override", ["training.lrr=1e-3", "+training.lrr=1e-3"])
-def test_a_mistyped_key_ends_train_py_in_one_line_naming_the_likely_key_with_or_without_plus(tmp_path, override):
-    """Hydra refuses an override of a missing key before the recipe starts; it still ends in the recipe's line."""
+def test_a_mistyped_key_without_plus_ends_train_py_in_the_recipes_one_line(tmp_path):
+    """Hydra refuses an override of a missing key before the recipe starts; it still ends in the recipe's line.
+    (With `+`, the key reaches the schema check above.)"""
     from tests.launch import run_entry as launch
 
-    done = launch("train.py", [f"output_dir={tmp_path / 'run'}", override], tmp=tmp_path, check=False, timeout=120)
+    done = launch("train.py", [f"output_dir={tmp_path / 'run'}", "training.lrr=1e-3"], tmp=tmp_path, check=False,
+                  timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "unknown config key 'training.lrr'; did you mean 'training.lr'?" in errors[0]
