@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from distillation.student_init import init_student_from_teacher
@@ -32,7 +31,9 @@ from training.builders import (
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
+from training.hydra_main import recipe_main
 from training.masked_lm_metrics import format_side_by_side
+from training.metrics_log import job_wandb, stage_wandb
 from training.parallelize import compile_layers, compute_dtype
 from training.pretrain import pretrain
 from training.run import Task, run_training
@@ -49,7 +50,7 @@ def teacher_run_config(run: RunConfig) -> RunConfig:
     # The teacher reads cells truncated as the student will see them.
     model = {**model_config_by_name(cfg.teacher_model), "max_position_embeddings": run.model["max_position_embeddings"]}
     return dataclasses.replace(run, output_dir=str(out), model=model,
-                               training=training, distill=None,
+                               training=training, distill=None, logging=stage_wandb(run, "teacher"),
                                checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
 
 
@@ -108,6 +109,7 @@ def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Pa
 
 
 def distil(run: RunConfig, ctx: DistributedContext) -> None:
+    run = dataclasses.replace(run, logging=job_wandb(run))  # a pretrained teacher's W&B run joins this one's group
     student_config = model_config_from_dict(run.model)
     teacher_dir = resolve_teacher(run, ctx)
     data = build_data(run, ctx, vocab_size=student_config.vocab_size,
@@ -118,7 +120,7 @@ def distil(run: RunConfig, ctx: DistributedContext) -> None:
         report(run, ctx, task, Path(run.output_dir) / "distill.jsonl")
 
 
-@hydra.main(config_path="hydra_config/distill", config_name="l0_sanity", version_base=None)
+@recipe_main(config_path="hydra_config/distill", config_name="l0_sanity")
 def main(cfg: DictConfig) -> None:
     run_entry(cfg, distil, section="distill")
 

@@ -12,7 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from finetuning.data import build_classification_data
@@ -23,6 +22,8 @@ from modeling_bert_te import BertTEConfig
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
+from training.hydra_main import recipe_main
+from training.metrics_log import job_wandb, stage_wandb
 from training.pretrain import pretrain
 from training.run import Task, run_training
 
@@ -36,6 +37,7 @@ def pretrain_run_config(run: RunConfig) -> RunConfig:
     training = dataclasses.replace(run.training, num_train_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                                    warmup_steps=max(1, cfg.pretrain_steps // 10), stop_after_steps=None)
     return dataclasses.replace(run, output_dir=str(out), training=training, finetune=None,
+                               logging=stage_wandb(run, "pretrained"),
                                checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
 
 
@@ -65,6 +67,7 @@ def cell_max_length(run: RunConfig, source: BertTEConfig) -> int:
 
 
 def finetune(run: RunConfig, ctx: DistributedContext) -> None:
+    run = dataclasses.replace(run, logging=job_wandb(run))  # a model pretrained first joins this run's W&B group
     model_dir = resolve_model_dir(run, ctx)
     source = BertTEConfig.from_pretrained(str(model_dir))
     data, labels = build_classification_data(run, ctx, vocab_size=source.vocab_size,
@@ -96,7 +99,7 @@ def write_report(output_dir: Path) -> None:
               f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells)")
 
 
-@hydra.main(config_path="hydra_config/finetune", config_name="l0_sanity", version_base=None)
+@recipe_main(config_path="hydra_config/finetune", config_name="l0_sanity")
 def main(cfg: DictConfig) -> None:
     run_entry(cfg, finetune, section="finetune")
 

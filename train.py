@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
 from training.entry import run_entry
+from training.hydra_main import recipe_main
 from training.pretrain import pretrain
 
 
-@hydra.main(config_path="hydra_config", config_name="l0_sanity", version_base=None)
+@recipe_main(config_path="hydra_config", config_name="l0_sanity")
 def main(cfg: DictConfig) -> None:
     run_entry(cfg, pretrain)
 

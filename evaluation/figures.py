@@ -32,19 +32,23 @@ def plot_embedding_pca(vectors: np.ndarray, labels: list | None, title: str, out
     import matplotlib.pyplot as plt
 
     coords = pca_2d(vectors)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    names = [] if labels is None else sorted({str(v) for v in labels})
+    legend = 0 < len(names) <= 20  # a longer legend would be taller than the figure
+    # The legend sits right of the axes, so it never covers a point.
+    fig, ax = plt.subplots(figsize=(7.4 if legend else 5.5, 4.5))
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.7)
     else:
         labels = np.asarray([str(v) for v in labels])
-        names = sorted(set(labels.tolist()))
         cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
         for i, name in enumerate(names):
             rows = labels == name
             ax.scatter(coords[rows, 0], coords[rows, 1], s=8, alpha=0.7, color=cmap(i % cmap.N), label=name)
-        if len(names) <= 20:  # a longer legend would cover the plot
-            ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
-    ax.set_title(title, fontsize=10)
+        if legend:
+            ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                      frameon=False)
+    shown = f"{len(coords)} cells" + (f", {len(names)} labels" if names and not legend else "")
+    ax.set_title(f"{title}: {shown}", fontsize=10)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     return save_figure(fig, out_png)

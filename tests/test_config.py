@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.launch import REPO
 from training.config import ConfigError, parse_config
@@ -52,6 +53,34 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, names):
 def test_unknown_keys_are_refused():
     with pytest.raises(ConfigError, match="unknown config key 'training.learning_rate'"):
         parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["+training.learning_rate=0.1"]))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+model.hiden_size=64", "unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+    ("+model.fp8=true", "unknown config key 'model.fp8'"),
+    ("model.hidden_size=wide", "config 'model.hidden_size': Value 'wide'"),
+    ("model.use_te_layers=maybe", "config 'model.use_te_layers'"),
+])
+def test_model_keys_are_checked_against_the_model_schema(override, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(_compose(REPO / "hydra_config", "l0_sanity", [override]))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_model_section_keeps_only_the_keys_it_sets_with_their_checked_types():
+    run = parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["model.hidden_size=48", "model.num_attention_heads=4"]))
+    assert run.model["hidden_size"] == 48 and isinstance(run.model["hidden_size"], int)
+    assert set(run.model) == set(OmegaConf.load(REPO / "hydra_config" / "model" / "tiny.yaml"))
+
+
+def test_every_model_schema_key_is_a_field_of_the_exported_config():
+    from dataclasses import fields
+
+    from modeling_bert_te import BertTEConfig
+    from training.config import ModelConfig
+
+    exported = BertTEConfig().to_dict()
+    assert [f.name for f in fields(ModelConfig) if f.name not in exported] == []
 
 
 def test_heads_must_divide_hidden():

@@ -83,3 +83,16 @@ def test_command_line_tools_report_a_missing_model_in_one_line(tmp_path, tool):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no_model" in last, done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_mistyped_key_without_plus_ends_train_py_in_the_recipes_one_line(tmp_path):
+    """Hydra refuses an override of a missing key before the recipe starts; it still ends in the recipe's line.
+    (With `+`, the key reaches the schema check above.)"""
+    from tests.launch import run_entry as launch
+
+    done = launch("train.py", [f"output_dir={tmp_path / 'run'}", "training.lrr=1e-3"], tmp=tmp_path, check=False,
+                  timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "unknown config key 'training.lrr'; did you mean 'training.lr'?" in errors[0]
+    assert not (tmp_path / "builtin").exists() and not (tmp_path / "run" / "train.jsonl").exists()

@@ -5,7 +5,9 @@ Unknown keys, wrong types and out-of-range values fail here, before any heavy wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import importlib.util
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +30,30 @@ def fp8_alignment(fp8: str, recipe: str) -> int:
 
 def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, f"got '{value}', allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """The keys a model section (hydra_config/model/*.yaml) may set: BertTEConfig's fields, each checked for type.
+
+    Keys left out keep Hugging Face BertConfig's defaults; a key not listed here is refused, not exported.
+    """
+
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    hidden_act: str | None = None
+    hidden_dropout_prob: float | None = None
+    attention_probs_dropout_prob: float | None = None
+    max_position_embeddings: int | None = None
+    type_vocab_size: int | None = None
+    initializer_range: float | None = None
+    layer_norm_eps: float | None = None
+    pad_token_id: int | None = None
+    classifier_dropout: float | None = None
+    use_te_layers: bool | None = None
 
 
 @dataclass
@@ -132,11 +158,17 @@ class LoggingConfig:
     wandb: bool = False
     wandb_mode: str = "offline"  # offline | online
     wandb_project: str = "geneformer-recipe"
+    wandb_entity: str | None = None  # W&B team or user; None = your default entity
+    wandb_name: str | None = None  # None = the output folder's name
+    wandb_group: str | None = None  # None = none, but distill.py groups its teacher with its student, a sweep its jobs
+    wandb_tags: list[str] = field(default_factory=list)
     plot: bool = True
 
     def validate(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be > 0")
         _one_of(self.wandb_mode, "logging.wandb_mode", ("offline", "online"))
+        _require(not self.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+                 "true, but wandb is not installed: pip install -r requirements.txt, or set logging.wandb=false")
 
 
 @dataclass
@@ -221,15 +253,42 @@ class RunConfig:
         return self
 
 
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig,
+             "eval": EvalConfig, "logging": LoggingConfig, "distill": DistillConfig, "finetune": FinetuneConfig}
+
+
+def _allowed_keys() -> list[str]:
+    """Every dotted key the schema allows ('seed', 'training.lr', ...)."""
+    keys = []
+    for item in fields(RunConfig):
+        section = _SECTIONS.get(item.name)
+        keys += [f"{item.name}.{key.name}" for key in fields(section)] if section else [item.name]
+    return keys
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    """The one-line error for a key the schema does not have, with the nearest allowed key as the likely fix."""
+    near = difflib.get_close_matches(key, _allowed_keys(), n=1, cutoff=0.75)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return ConfigError(f"unknown config key '{key}'; {hint}see training/config.py for the allowed keys")
+
+
+def _merge(schema: type, raw: dict, prefix: str = ""):
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), raw)
+    except ConfigKeyError as error:
+        raise unknown_key_error(prefix + error.full_key) from None
+    except ValidationError as error:
+        # omegaconf appends the key and schema on further lines; the first line is the message.
+        raise ConfigError(f"config '{prefix}{error.full_key}': {error.msg.splitlines()[0]}") from None
+
+
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
     """Check a composed config against the schema and return it as typed, validated objects."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-    except ConfigKeyError as error:
-        raise ConfigError(f"unknown config key '{error.full_key}'; see training/config.py for the allowed keys") from None
-    except ValidationError as error:
-        raise ConfigError(f"config '{error.full_key}': {error.msg}") from None
-    return OmegaConf.to_object(merged).validate()
+    # The model section stays a plain dict of the keys it sets (BertConfig defaults the rest), checked key by key.
+    model = raw.get("model") or {}
+    checked = OmegaConf.to_container(_merge(ModelConfig, model, "model."))
+    raw["model"] = {key: checked[key] for key in model}
+    return OmegaConf.to_object(_merge(RunConfig, raw)).validate()

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from types import TracebackType
 
 import torch
 from omegaconf import DictConfig
@@ -17,15 +18,24 @@ from omegaconf import DictConfig
 from common.errors import USER_ERRORS
 from training.config import RunConfig, parse_config
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+from training.run_log import attach_log_file
 
 
 def setup_logging() -> None:
+    """Log to stderr: rank 0 from INFO, other ranks their warnings and errors; Python warnings and uncaught
+    errors go through the same handlers, so the run's log file (training/run_log.py) holds them too."""
     rank = os.environ.get("RANK", "0")
     level = logging.INFO if rank == "0" else logging.WARNING
     if os.environ.get("RECIPE_DEBUG"):
         level = logging.DEBUG
     logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    logging.getLogger("run").critical("uncaught %s", kind.__name__, exc_info=(kind, error, traceback))
 
 
 def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None], *,
@@ -40,6 +50,7 @@ def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], No
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them; no effect on CPU
     try:
         run = parse_config(cfg)
+        attach_log_file(run.output_dir)
         ctx = init_distributed(run.training.device)
     except USER_ERRORS as error:
         logging.getLogger("config").error("%s", error)

@@ -17,7 +17,7 @@ from checkpointing.checkpointer import Checkpointer, TrainState, committed_check
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.metrics_log import MetricsLogger
-from training.preemption import PreemptionWatcher
+from training.preemption import PreemptionWatcher, report_committed_stop
 from training.step import LossFn, NonFiniteLossError, train_step
 from training.throughput import ThroughputMeter
 
@@ -101,6 +101,7 @@ def run_loop(parts: LoopParts, cfg: RunConfig) -> LoopResult:
     if preempted:
         log.warning("stopped at step %d after checkpointing (preemption signal or stop_after_steps); relaunch to "
                     "continue", state.step)
+        report_committed_stop(state.step)
     return LoopResult(step=state.step, preempted=preempted, skipped_steps=skipped)
 
 

@@ -6,7 +6,9 @@ All ranks agree on the flag, so every rank checkpoints the same step before exit
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,15 @@ from common.collectives import all_reduce_sum
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by a launcher (scripts/torchrun_node.sh) that must tell a clean stop from a failure after the agent's own exit 1.
+STOPPED_FILE_ENV = "RECIPE_STOPPED_FILE"
+
+
+def report_committed_stop(step: int) -> None:
+    """Record, for the launcher, that this rank stopped early on the committed checkpoint of `step`."""
+    path = os.environ.get(STOPPED_FILE_ENV)
+    if path:
+        Path(path).write_text(f"{step}\n")
 
 
 class PreemptionWatcher:

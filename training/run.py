@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from checkpointing.checkpointer import Checkpointer
+from checkpointing.checkpointer import Checkpointer, committed_checkpoints
+from checkpointing.manifest import read_manifest
 from common.collectives import barrier
 from dataset.vocab import Vocabulary
 from model.hf_dir import export_model_dir
@@ -80,7 +81,10 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         data.vocab.save(output_dir / "vocab.txt")
     eval_batches = fixed_eval_batches(data)
     logger = MetricsLogger(output_dir, run.logging, is_main=ctx.is_main, total_steps=tcfg.num_train_steps,
-                           run_config=dataclasses.asdict(run), name=name)
+                           run_config=dataclasses.asdict(run), name=name,
+                           wandb_id=_previous_wandb_id(run) if ctx.is_main else None)
+    if logger.wandb_run_id is not None:
+        meta["wandb_run_id"] = logger.wandb_run_id
     parts = LoopParts(
         ctx=ctx, model=model, loss_fn=task.loss_fn, optimizer=optimizer, scheduler=build_scheduler(optimizer, tcfg),
         train_loader=data.train_loader,
@@ -100,6 +104,14 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     if ctx.is_main and run.logging.plot:
         plot_training_curves({name: logger.path}, output_dir / f"{name}_curves.png")
     return result, export_dir
+
+
+def _previous_wandb_id(run: RunConfig) -> str | None:
+    """The W&B run id the newest committed checkpoint recorded, so that a resume continues that W&B run."""
+    if not (run.logging.wandb and run.checkpoint.resume):
+        return None
+    good, _ = committed_checkpoints(Path(run.checkpoint.dir))
+    return read_manifest(good[0][1])["meta"].get("wandb_run_id") if good else None
 
 
 def export_trained_model(model: nn.Module, task: Task, data: DataBundle, out_dir: Path,
