@@ -43,8 +43,8 @@ def weights_path(model_dir: Path) -> Path:
                             "(sharded checkpoints: merge them first)")
 
 
-def verify_export_checksums(model_dir: Path) -> None:
-    """Check the files of an exported directory against its checksums.json (stock directories have none)."""
+def verify_export_checksums(model_dir: Path, names: tuple[str, ...] = (*WEIGHT_FILES, "config.json")) -> None:
+    """Check files `names` of an exported directory against its checksums.json (stock directories have none)."""
     record_path = model_dir / CHECKSUMS_NAME
     if not record_path.is_file():
         return
@@ -53,7 +53,7 @@ def verify_export_checksums(model_dir: Path) -> None:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{record_path}: unreadable ({error}); re-export the model or delete this file") from None
     problems = [checksum_problem(model_dir / name, crc) for name, crc in expected.items()
-                if (model_dir / name).is_file()]
+                if name in names and (model_dir / name).is_file()]
     problems = [p for p in problems if p]
     if problems:
         named = "; ".join(f"{model_dir / problem}".replace("the manifest", CHECKSUMS_NAME) for problem in problems)

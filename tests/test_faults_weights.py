@@ -79,3 +79,20 @@ def test_a_truncated_teacher_ends_distill_with_one_line_and_exit_code_2(tmp_path
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     assert f"ERROR run: {weights}: unreadable weights" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "final_model").exists()
+
+
+def test_export_checkpoint_refuses_a_checkpoint_whose_bytes_changed(tmp_path):
+    from checkpointing.checkpointer import Checkpointer, TrainState
+    from checkpointing.export_checkpoint import export_checkpoint
+    from tests.test_checkpointer import _flip_bytes_inside, _Loader
+
+    model = BertForMaskedLM.from_pretrained(_export(tmp_path))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), _Loader(), 2)
+    meta = {"model_config": model.config.to_dict(), "export_prefix": ""}
+    step_dir = Checkpointer(tmp_path / "checkpoints", rank=0, meta=meta).save(state)
+    assert (export_checkpoint(step_dir, tmp_path / "good") / "model.safetensors").is_file()
+    shard = _flip_bytes_inside(step_dir, "word_embeddings")
+    with pytest.raises(ValueError, match=f"{shard} fails its crc32c checksum"):
+        export_checkpoint(step_dir, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
