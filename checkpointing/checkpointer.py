@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from checkpointing.checksum_writer import ChecksummingWriter
 from checkpointing.manifest import (
     MANIFEST_NAME,
     checksum_problems,
@@ -127,7 +128,7 @@ class Checkpointer:
         self.rank = rank
         self.keep_last = keep_last
         self.meta = meta or {}
-        self._pending: tuple[Any, int, Path] | None = None
+        self._pending: tuple[Any, int, Path, ChecksummingWriter] | None = None
         self._group = None
         if async_save and dist.is_available() and dist.is_initialized():
             # Async writes talk over their own gloo group so they never queue behind NCCL collectives.
@@ -145,29 +146,32 @@ class Checkpointer:
                 directory.mkdir()
             barrier()
             payload = state.to_checkpoint(self.rank)
+            writer = ChecksummingWriter(directory)
             if self.async_save:
-                future = dcp.async_save(payload, checkpoint_id=str(directory), process_group=self._group)
-                self._pending = (future, state.step, directory)
+                future = dcp.async_save(payload, checkpoint_id=str(directory), storage_writer=writer,
+                                        process_group=self._group)
+                self._pending = (future, state.step, directory, writer)
             else:
-                dcp.save(payload, checkpoint_id=str(directory))
-                self._commit(state.step, directory)
+                dcp.save(payload, checkpoint_id=str(directory), storage_writer=writer)
+                self._commit(state.step, directory, writer.checksums)
         return directory
 
     def wait(self) -> None:
         """Finish (and commit) an async save in flight."""
         if self._pending is None:
             return
-        future, step, directory = self._pending
+        future, step, directory, writer = self._pending
         self._pending = None
         with save_errors_named(directory):
             future.result()
-            self._commit(step, directory)
+            self._commit(step, directory, writer.checksums)
 
-    def _commit(self, step: int, directory: Path) -> None:
+    def _commit(self, step: int, directory: Path, written: dict[str, str]) -> None:
         barrier()  # every rank's shards are on disk before rank 0 publishes the manifest
-        # Each rank sums the shards it wrote (still in its page cache, and in parallel); rank 0 the rest.
-        own = {p.name: file_crc32c(p) for p in sorted(directory.glob(f"__{self.rank}_*")) if p.is_file()}
-        checksums = {name: crc for part in all_gather_objects(own) for name, crc in part.items()}
+        # Each rank's writer summed its files while writing them; anything it could not sum is read back here.
+        own = {p.name: written.get(p.name) or file_crc32c(p)
+               for p in sorted(directory.glob(f"__{self.rank}_*")) if p.is_file()}
+        checksums = {**written, **{name: crc for part in all_gather_objects(own) for name, crc in part.items()}}
         if self.rank == 0:
             write_manifest(directory, step, {**self.meta, "world_size": _world_size()}, checksums)
             self._prune()

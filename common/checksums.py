@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 
 CHECKSUM_ALGORITHM = "crc32c"
 _CHUNK = 16 << 20
+
+
+def extend_crc32c(crc: int, data: bytes | bytearray | memoryview) -> int:
+    """`crc` extended by `data` (any contiguous buffer, no copy)."""
+    return crc32c.crc32c(memoryview(data).cast("B"), crc)
 
 
 def file_crc32c(path: Path) -> str:
@@ -18,7 +23,7 @@ def file_crc32c(path: Path) -> str:
     crc = 0
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            crc = google_crc32c.extend(crc, chunk)
+            crc = extend_crc32c(crc, chunk)
     return f"{crc:08x}"
 
 
