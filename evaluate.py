@@ -33,6 +33,7 @@ from modeling_bert_te import BertForMaskedLM, count_parameters
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
+from training.entry import end_failed_run
 from training.masked_lm_metrics import format_side_by_side, masked_lm_metrics
 from training.plots import plot_training_curves
 
@@ -281,9 +282,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return evaluate(args, ctx)
-    finally:
-        shutdown_distributed()
+        result = evaluate(args, ctx)
+    except BaseException as error:
+        if ctx.is_distributed:
+            end_failed_run(error)  # no teardown of a live process group under an error: it can hang
+        raise  # one process: run_cli reports a user error in one line
+    shutdown_distributed()
+    return result
 
 
 if __name__ == "__main__":

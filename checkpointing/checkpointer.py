@@ -5,7 +5,6 @@ DDP and FSDP2 share one path (get_state_dict / set_state_dict); per-rank RNG sta
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -19,8 +18,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from checkpointing.manifest import read_manifest, write_manifest
-from common.collectives import barrier, broadcast_object
+from checkpointing.checksum_writer import ChecksummingWriter
+from checkpointing.manifest import (
+    MANIFEST_NAME,
+    checksum_problems,
+    is_uncommitted,
+    read_manifest,
+    write_manifest,
+)
+from checkpointing.run_identity import check_same_run
+from checkpointing.save_errors import save_errors_named
+from common.checksums import file_crc32c
+from common.collectives import all_gather_objects, barrier, broadcast_object
 from common.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -29,10 +38,6 @@ STEP_PREFIX = "step_"
 
 class NoUsableCheckpointError(RecipeError):
     """Checkpoints exist but none is complete and readable: starting from step 0 would lose them."""
-
-
-class CheckpointSaveError(RecipeError):
-    """Writing a checkpoint failed (disk full, unwritable directory); the directory is left uncommitted."""
 
 
 @dataclass
@@ -100,9 +105,11 @@ def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def committed_checkpoints(root: Path) -> tuple[list[tuple[int, Path]], list[str]]:
-    """(complete checkpoints newest first, a message per broken one)."""
+    """(complete checkpoints newest first, a message per broken one); uncommitted saves are neither."""
     good, broken = [], []
     for step, path in list_step_dirs(root):
+        if is_uncommitted(path):
+            continue
         try:
             read_manifest(path)
             good.append((step, path))
@@ -115,12 +122,13 @@ class Checkpointer:
     """Writes committed checkpoints every N steps, keeps the last k, and resumes from the newest usable one."""
 
     def __init__(self, root: str | Path, *, rank: int, keep_last: int = 3, async_save: bool = False,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, allow_changed_run: bool = False) -> None:
         self.root = Path(root)
+        self.allow_changed_run = allow_changed_run
         self.rank = rank
         self.keep_last = keep_last
         self.meta = meta or {}
-        self._pending: tuple[Any, int, Path] | None = None
+        self._pending: tuple[Any, int, Path, ChecksummingWriter] | None = None
         self._group = None
         if async_save and dist.is_available() and dist.is_initialized():
             # Async writes talk over their own gloo group so they never queue behind NCCL collectives.
@@ -131,35 +139,41 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         self.wait()
         directory = self.root / step_dir_name(state.step)
-        with _save_errors_named(directory):
+        with save_errors_named(directory):
             if self.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
                 _move_aside_if_present(directory)
                 directory.mkdir()
             barrier()
             payload = state.to_checkpoint(self.rank)
+            writer = ChecksummingWriter(directory)
             if self.async_save:
-                future = dcp.async_save(payload, checkpoint_id=str(directory), process_group=self._group)
-                self._pending = (future, state.step, directory)
+                future = dcp.async_save(payload, checkpoint_id=str(directory), storage_writer=writer,
+                                        process_group=self._group)
+                self._pending = (future, state.step, directory, writer)
             else:
-                dcp.save(payload, checkpoint_id=str(directory))
-                self._commit(state.step, directory)
+                dcp.save(payload, checkpoint_id=str(directory), storage_writer=writer)
+                self._commit(state.step, directory, writer.checksums)
         return directory
 
     def wait(self) -> None:
         """Finish (and commit) an async save in flight."""
         if self._pending is None:
             return
-        future, step, directory = self._pending
+        future, step, directory, writer = self._pending
         self._pending = None
-        with _save_errors_named(directory):
+        with save_errors_named(directory):
             future.result()
-            self._commit(step, directory)
+            self._commit(step, directory, writer.checksums)
 
-    def _commit(self, step: int, directory: Path) -> None:
+    def _commit(self, step: int, directory: Path, written: dict[str, str]) -> None:
         barrier()  # every rank's shards are on disk before rank 0 publishes the manifest
+        # Each rank's writer summed its files while writing them; anything it could not sum is read back here.
+        own = {p.name: written.get(p.name) or file_crc32c(p)
+               for p in sorted(directory.glob(f"__{self.rank}_*")) if p.is_file()}
+        checksums = {**written, **{name: crc for part in all_gather_objects(own) for name, crc in part.items()}}
         if self.rank == 0:
-            write_manifest(directory, step, {**self.meta, "world_size": _world_size()})
+            write_manifest(directory, step, {**self.meta, "world_size": _world_size()}, checksums)
             self._prune()
             log.info("checkpoint committed: %s", directory)
         barrier()
@@ -174,7 +188,12 @@ class Checkpointer:
         """Load the newest complete checkpoint into `state`; returns its step, or None when there is none."""
         candidates = broadcast_object(self._candidates() if self.rank == 0 else None)
         failures = list(candidates["broken"])
-        for step, path in candidates["good"]:
+        for step, path, saved_meta in candidates["good"]:
+            check_same_run(Path(path), saved_meta, self.meta, allow_changed=self.allow_changed_run)
+            problems = self._checksum_problems(Path(path))
+            if problems:
+                failures.append(f"{path}: " + "; ".join(problems))
+                continue
             try:
                 self._load(state, Path(path))
             # CheckpointException (what dcp.load raises) derives from BaseException, not Exception.
@@ -194,8 +213,18 @@ class Checkpointer:
         return None
 
     def _candidates(self) -> dict:
+        for _, path in list_step_dirs(self.root):
+            if is_uncommitted(path):  # a save that never finished is no checkpoint: keep it aside as evidence
+                _move_aside_if_present(path, f"no {MANIFEST_NAME}, the save never finished")
         good, broken = committed_checkpoints(self.root)
-        return {"good": [(s, str(p)) for s, p in good], "broken": broken}
+        return {"good": [(s, str(p), read_manifest(p)["meta"]) for s, p in good], "broken": broken}
+
+    def _checksum_problems(self, directory: Path) -> list[str]:
+        """Every file's checksum, verified before loading; the ranks share the reading."""
+        files = read_manifest(directory)["files"] if self.rank == 0 else None
+        files = broadcast_object(files)
+        names = sorted(files)[self.rank::_world_size()]
+        return [p for part in all_gather_objects(checksum_problems(directory, files, names)) for p in part]
 
     def _load(self, state: TrainState, directory: Path) -> None:
         template = state.to_checkpoint(self.rank)
@@ -207,28 +236,11 @@ class Checkpointer:
         state.from_checkpoint(template, self.rank)
 
 
-@contextlib.contextmanager
-def _save_errors_named(directory: Path):
-    """Turn a failed write (dcp wraps each rank's error in a CheckpointException) into one clear message."""
-    try:
-        yield
-    except (OSError, CheckpointException) as error:
-        if isinstance(error, CheckpointException):
-            cause = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in error.failures.items())
-        else:
-            cause = f"{type(error).__name__}: {error}"
-        raise CheckpointSaveError(
-            f"could not write checkpoint {directory} ({cause}). It is not committed, so resuming skips it; the "
-            f"earlier checkpoints in {directory.parent} are untouched. Free disk space (or set checkpoint.dir to a "
-            "writable place) and relaunch to continue from the newest complete checkpoint."
-        ) from error
-
-
-def _move_aside_if_present(directory: Path) -> None:
+def _move_aside_if_present(directory: Path, why: str = "a leftover of an earlier save") -> None:
     """A leftover directory at this step (a crashed save) is kept as evidence under another name."""
     if directory.exists():
         aside = directory.with_name(f"{directory.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("moving leftover %s aside to %s", directory, aside)
+        log.warning("moving %s aside to %s (%s)", directory, aside, why)
         directory.rename(aside)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from checkpointing.manifest import read_manifest
+from checkpointing.manifest import checksum_problems, read_manifest
 from common.errors import run_cli
 from dataset.vocab import Vocabulary
 from model.hf_dir import export_model_dir
@@ -21,7 +21,11 @@ from modeling_bert_te import BertForMaskedLM, BertTEConfig
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Read the model weights of a committed checkpoint (DDP or FSDP2, any world size) and export them."""
     checkpoint_dir = Path(checkpoint_dir)
-    meta = read_manifest(checkpoint_dir)["meta"]
+    record = read_manifest(checkpoint_dir)
+    problems = checksum_problems(checkpoint_dir, record["files"])
+    if problems:
+        raise ValueError(f"{checkpoint_dir}: " + "; ".join(problems) + "; export an earlier step_N directory")
+    meta = record["meta"]
     if "model_config" not in meta:
         raise ValueError(f"{checkpoint_dir}: the manifest records no model_config; was it written by this recipe?")
     config = BertTEConfig(**{k: v for k, v in meta["model_config"].items() if k not in ("model_type",)})

@@ -12,18 +12,19 @@ from pathlib import Path
 import torch
 
 from dataset.vocab import Vocabulary
+from model.bert_weights import WEIGHT_FILES, weights_path
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
 log = logging.getLogger(__name__)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def weights_file(model_dir: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            return model_dir / name
-    raise FileNotFoundError(f"teacher directory {model_dir} holds no weights ({' or '.join(WEIGHT_FILES)}); "
-                            "set distill.teacher to a directory exported by train.py or a Hugging Face BERT")
+    try:
+        return weights_path(model_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"teacher directory {model_dir} holds no weights ({' or '.join(WEIGHT_FILES)}); "
+                                "set distill.teacher to a directory exported by train.py or a Hugging Face BERT"
+                                ) from None
 
 
 def weights_sha256(model_dir: Path) -> str:

@@ -4,12 +4,17 @@ and from Transformer Engine layers (q, k, v fused into one `qkv`).
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from common.checksums import CHECKSUM_ALGORITHM, checksum_problem
 
 if TYPE_CHECKING:
     from modeling_bert_te import BertTEConfig
@@ -25,21 +30,56 @@ TIED_DECODER_KEY = "cls.predictions.decoder.weight"
 _WORD_EMBEDDINGS_KEY = "bert.embeddings.word_embeddings.weight"
 
 
-def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors, else pytorch_model.bin (weights only: a pickle from a user is untrusted)."""
-    st_path, bin_path = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
-    if st_path.is_file():
-        from safetensors.torch import load_file
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKSUMS_NAME = "checksums.json"  # written by this recipe's exports: {"crc32c": {file name: hex digest}}
 
-        return load_file(str(st_path))
-    if bin_path.is_file():
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{bin_path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
-                             "only load weights from sources you trust, preferably as model.safetensors") from None
+
+def weights_path(model_dir: Path) -> Path:
+    """The weight file of a model directory (model.safetensors preferred over pytorch_model.bin)."""
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return model_dir / name
     raise FileNotFoundError(f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
                             "(sharded checkpoints: merge them first)")
+
+
+def verify_export_checksums(model_dir: Path, names: tuple[str, ...] = (*WEIGHT_FILES, "config.json")) -> None:
+    """Check files `names` of an exported directory against its checksums.json (stock directories have none)."""
+    record_path = model_dir / CHECKSUMS_NAME
+    if not record_path.is_file():
+        return
+    try:
+        expected = dict(json.loads(record_path.read_text())[CHECKSUM_ALGORITHM])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{record_path}: unreadable ({error}); re-export the model or delete this file") from None
+    problems = [checksum_problem(model_dir / name, crc) for name, crc in expected.items()
+                if name in names and (model_dir / name).is_file()]
+    problems = [p for p in problems if p]
+    if problems:
+        named = "; ".join(f"{model_dir / problem}".replace("the manifest", CHECKSUMS_NAME) for problem in problems)
+        raise ValueError(f"{named}. The files changed after export: copy or export the model again")
+
+
+def load_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The one guarded reader of a model directory's weights (teacher, finetune.model_dir, evaluate, embed, export).
+
+    Verifies the export's checksums, then reads model.safetensors, else pytorch_model.bin (weights only: a pickle
+    from a user is untrusted). Any failure is a ValueError / FileNotFoundError that names the file and the fix.
+    """
+    model_dir = Path(model_dir)
+    path = weights_path(model_dir)
+    verify_export_checksums(model_dir)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
+                         "only load weights from sources you trust, preferably as model.safetensors") from None
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise ValueError(f"{path}: unreadable weights ({type(error).__name__}: {first_line}); the file is truncated "
+                         "or corrupt: copy, download or export the model again") from None
 
 
 def normalize_stock_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

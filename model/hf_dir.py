@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from model.bert_weights import normalize_stock_state_dict, to_stock_state_dict
+from common.checksums import CHECKSUM_ALGORITHM, file_crc32c
+from common.file_modes import make_umask_readable, public_mkdtemp
+from model.bert_weights import CHECKSUMS_NAME, normalize_stock_state_dict, to_stock_state_dict
 
 if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
@@ -92,20 +94,31 @@ def export_model_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, 
     return write_model_dir(out_dir, tensors, config_dict, vocab)
 
 
+def write_checksums(directory: Path) -> None:
+    """Record the CRC32C of every file in `directory` (readers verify them), and give each the umask's mode."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    record = {CHECKSUM_ALGORITHM: {p.name: file_crc32c(p) for p in files}}
+    (directory / CHECKSUMS_NAME).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    for path in directory.iterdir():
+        make_umask_readable(path)  # safetensors writes 0600 whatever the umask
+
+
 def write_model_dir(out_dir: Path, tensors: dict[str, torch.Tensor], config_dict: dict,
                     vocab: Vocabulary | None) -> Path:
     """Write weights, config.json and tokenizer files into a temporary folder, then rename it into place.
 
     A crash or a full disk leaves either the previous directory or the new one, never a half-written one.
+    checksums.json records every file's CRC32C; files and folder get the modes the umask gives.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = public_mkdtemp(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if vocab is not None:
             write_tokenizer_files(vocab, tmp)
+        write_checksums(tmp)
         if out_dir.exists():
             # Move the old directory aside first so that the rename below is a single atomic step.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

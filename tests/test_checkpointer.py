@@ -55,12 +55,44 @@ def test_resume_takes_the_newest_committed_step_and_restores_everything(tmp_path
     assert torch.all(state.model[0].weight == 4)
 
 
-def test_an_uncommitted_newest_checkpoint_is_skipped_with_its_name(tmp_path, caplog):
+def test_an_uncommitted_newest_checkpoint_is_moved_aside_and_the_previous_one_used(tmp_path, caplog):
     _train_and_save(tmp_path, [2, 4])
     (tmp_path / "step_00000004" / "COMMITTED.json").unlink()  # as if killed before the commit
     state = _state()
     assert Checkpointer(tmp_path, rank=0).resume(state) == 2
-    assert "step_00000004: incomplete" in caplog.text
+    assert "step_00000004 aside" in caplog.text and "the save never finished" in caplog.text
+    assert not (tmp_path / "step_00000004").exists() and list(tmp_path.glob("step_00000004.incomplete-*"))
+
+
+def test_an_uncommitted_first_save_is_no_checkpoint_so_the_run_starts_from_step_zero(tmp_path, caplog):
+    _train_and_save(tmp_path, [2])
+    (tmp_path / "step_00000002" / "COMMITTED.json").unlink()  # killed during the very first save
+    state = _state(seed=1)
+    assert Checkpointer(tmp_path, rank=0).resume(state) is None
+    assert state.step == 0 and list(tmp_path.glob("step_00000002.incomplete-*"))
+    assert "step_00000002 aside" in caplog.text
+
+
+def _flip_bytes_inside(directory, key_part: str) -> str:
+    """Overwrite the stored bytes of the first tensor whose key contains `key_part` (file size unchanged)."""
+    import torch.distributed.checkpoint as dcp
+
+    storage = dcp.FileSystemReader(str(directory)).read_metadata().storage_data
+    index, info = next((i, info) for i, info in storage.items() if key_part in i.fqn)
+    shard = directory / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset: info.offset + info.length] = bytes(255 - b for b in data[info.offset: info.offset + info.length])
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def test_bytes_flipped_inside_tensor_data_fail_the_checksum_and_the_previous_checkpoint_is_used(tmp_path, caplog):
+    _train_and_save(tmp_path, [2, 4])
+    shard = _flip_bytes_inside(tmp_path / "step_00000004", "exp_avg")
+    state = _state(seed=1)
+    assert Checkpointer(tmp_path, rank=0).resume(state) == 2
+    assert torch.all(state.model[0].weight == 2)
+    assert f"step_00000004: {shard} fails its crc32c checksum" in caplog.text
 
 
 def test_a_truncated_shard_is_reported_and_the_previous_checkpoint_used(tmp_path, caplog):

@@ -21,7 +21,8 @@ import torch.distributed.checkpoint.filesystem as dcp_fs
 
 import checkpointing.manifest as manifest
 import model.hf_dir as export
-from checkpointing.checkpointer import Checkpointer, CheckpointSaveError, committed_checkpoints
+from checkpointing.checkpointer import Checkpointer, committed_checkpoints
+from checkpointing.save_errors import CheckpointSaveError
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from tests.fault_runs import COMMON, committed_steps, fault_env
 from tests.launch import REPO, run_entry
@@ -47,7 +48,7 @@ def _assert_step_2_is_what_resume_gets(root: Path, caplog) -> None:
     state = _state(seed=1)
     assert Checkpointer(root, rank=0).resume(state) == 2
     assert torch.all(state.model[0].weight == 2.0)  # the previous checkpoint, intact
-    assert "skipped checkpoint" in caplog.text and "step_00000004" in caplog.text
+    assert "step_00000004 aside" in caplog.text and "the save never finished" in caplog.text
 
 
 def test_disk_full_while_writing_shards(tmp_path, monkeypatch, caplog):
@@ -58,7 +59,6 @@ def test_disk_full_while_writing_shards(tmp_path, monkeypatch, caplog):
     assert "step_00000004" in str(error.value) and "Free disk space" in str(error.value)
     monkeypatch.undo()
     _assert_step_2_is_what_resume_gets(tmp_path, caplog)
-    assert "step_00000004: incomplete" in caplog.text
 
 
 def test_disk_full_while_writing_the_commit_record(tmp_path, monkeypatch, caplog):
@@ -75,6 +75,7 @@ def test_disk_full_while_writing_the_commit_record(tmp_path, monkeypatch, caplog
     monkeypatch.undo()
     assert (tmp_path / "step_00000004" / "COMMITTED.json.tmp").is_file()  # the torn record is not the commit
     _assert_step_2_is_what_resume_gets(tmp_path, caplog)
+    assert list(tmp_path.glob("step_00000004.incomplete-*/COMMITTED.json.tmp"))  # kept aside as evidence
 
 
 def test_a_real_write_limit_in_a_subprocess_fails_the_save_not_the_previous_checkpoint(tmp_path, caplog):
@@ -94,6 +95,53 @@ def test_a_real_write_limit_in_a_subprocess_fails_the_save_not_the_previous_chec
     _assert_step_2_is_what_resume_gets(tmp_path, caplog)
 
 
+def _save_a_large_tensor_under_a_write_limit(root: Path, limit: int) -> None:
+    """Save step 2 whole, then step 4 (a 256 KiB weight) with the kernel refusing writes past `limit` bytes."""
+    import resource
+    import signal
+
+    state = _state()
+    state.model[0] = torch.nn.Linear(256, 256)
+    state.optimizer = torch.optim.AdamW(state.model.parameters())
+    state.step = 2
+    checkpointer = Checkpointer(root, rank=0)
+    checkpointer.save(state)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    state.step = 4
+    checkpointer.save(state)
+
+
+def test_a_write_limit_hit_inside_torch_save_is_named_with_the_free_space(tmp_path, caplog):
+    """torch.save reports the refused write as 'enforce fail ... unexpected pos'; the message names the cause."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.test_faults_io import _save_a_large_tensor_under_a_write_limit
+        _save_a_large_tensor_under_a_write_limit(__import__("pathlib").Path({str(tmp_path)!r}), 100_000)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "CheckpointSaveError: could not write checkpoint" in message and "step_00000004" in message, message
+    assert f"the file-size limit (ulimit -f) stopped the write at {tmp_path} (" in message
+    assert " MiB free)" in message and "File too large" in message
+    assert "unexpected pos" in result.stderr  # the write did fail inside torch.save
+    assert [s for s, _ in committed_checkpoints(tmp_path)[0]] == [2]
+
+
+def test_disk_full_hidden_under_a_writer_error_is_named_with_the_free_space(tmp_path):
+    """The OSError that torch.save swallows survives only as __context__; the chain is walked to find it."""
+    from checkpointing.save_errors import save_errors_named
+
+    with pytest.raises(CheckpointSaveError) as error, save_errors_named(tmp_path / "step_00000004"):
+        try:
+            _disk_full()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    assert f"no space left on device at {tmp_path} (" in str(error.value) and " MiB free)" in str(error.value)
+
+
 def test_an_unwritable_checkpoint_directory_is_named(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the checkpoint directory should be")
@@ -103,7 +151,7 @@ def test_an_unwritable_checkpoint_directory_is_named(tmp_path):
 
 
 def test_a_shard_corrupted_in_place_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
-    """Same size, garbage bytes (bit rot): the manifest passes, the read fails, resume uses the previous one."""
+    """Same size, garbage bytes (bit rot): the sizes pass, the checksum fails, resume uses the previous one."""
     _saved_at(tmp_path, 2, 2.0)
     _saved_at(tmp_path, 4, 4.0)
     shard = next((tmp_path / "step_00000004").glob("*.distcp"))
@@ -111,7 +159,7 @@ def test_a_shard_corrupted_in_place_falls_back_to_the_previous_checkpoint(tmp_pa
     state = _state(seed=1)
     assert Checkpointer(tmp_path, rank=0).resume(state) == 2
     assert torch.all(state.model[0].weight == 2.0)
-    assert "step_00000004: unreadable" in caplog.text
+    assert f"step_00000004: {shard.name} fails its crc32c checksum" in caplog.text
     assert shard.read_bytes() == b"\xff" * shard.stat().st_size  # the evidence stays as it was
 
 

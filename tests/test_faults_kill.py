@@ -35,15 +35,30 @@ def test_sigkill_during_checkpoint_writes_resumes_from_the_previous_complete_one
         if previous_kill is not None:
             # This launch resumed from the newest complete checkpoint and said which broken one it skipped.
             assert f"resumed from {checkpoints / f'step_{newest_complete - 2:08d}'}" in killed.stderr
-            assert f"skipped checkpoint {checkpoints / f'step_{previous_kill:08d}'}: incomplete" in killed.stderr
+            assert f"moving {checkpoints / f'step_{previous_kill:08d}'} aside" in killed.stderr
         previous_kill = step
 
     finished = run_entry("train.py", run, nproc=2, tmp=tmp_path)
     assert f"resumed from {checkpoints / 'step_00000006'} (step 6)" in finished.stderr
     assert committed_steps(checkpoints) == [2, 4, 6, 8]
-    # Each half-written save was moved aside (not deleted, not overwritten) when its step was saved again.
+    # Each half-written save was moved aside (not deleted, not overwritten) by the relaunch that followed it.
     assert sorted(p.name.split(".")[0] for p in checkpoints.glob("step_*.incomplete-*")) == [
         "step_00000004", "step_00000006", "step_00000008"]
     assert train_losses(tmp_path / "run" / "train.jsonl") == reference_losses(tmp_path_factory)
     assert len(reference_losses(tmp_path_factory)) == STEPS
     assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+
+def test_sigkill_during_the_very_first_save_lets_the_relaunch_start_from_step_zero(tmp_path, tmp_path_factory):
+    """Nothing was ever committed, so nothing is lost by starting over; the half-written save is kept aside."""
+    run = [*COMMON, f"output_dir={tmp_path / 'run'}"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    killed = run_entry("train.py", run, nproc=2, tmp=tmp_path, env=fault_env("kill_mid_shard", 1, 2), check=False)
+    assert killed.returncode != 0 and committed_steps(checkpoints) == []
+    assert (checkpoints / "step_00000002").is_dir()
+    finished = run_entry("train.py", run, nproc=2, tmp=tmp_path)
+    assert f"moving {checkpoints / 'step_00000002'} aside" in finished.stderr
+    assert "resumed from" not in finished.stderr
+    assert committed_steps(checkpoints) == [2, 4, 6, 8]
+    assert [p.name.split(".")[0] for p in checkpoints.glob("step_*.incomplete-*")] == ["step_00000002"]
+    assert train_losses(tmp_path / "run" / "train.jsonl") == reference_losses(tmp_path_factory)

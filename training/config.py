@@ -134,6 +134,7 @@ class CheckpointConfig:
     keep_last: int = 3
     async_save: bool = False
     resume: bool = True
+    allow_changed_run: bool = False  # resume even if the teacher, model, data or optimization settings changed
 
     def validate(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")

@@ -5,16 +5,19 @@ A user error (bad config, path, vocabulary) ends the run with one clear line; RE
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import sys
 from collections.abc import Callable
 from types import TracebackType
+from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig
 
+from common.collectives import is_distributed
 from common.errors import USER_ERRORS
 from training.config import RunConfig, parse_config
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -54,17 +57,50 @@ def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], No
         ctx = init_distributed(run.training.device)
     except USER_ERRORS as error:
         logging.getLogger("config").error("%s", error)
-        sys.exit(2)
+        end_process(2)
     try:
         job(run, ctx)
-    except USER_ERRORS as error:
-        logging.getLogger("run").error("%s", error)
-        logging.getLogger("run").debug("traceback of the error above", exc_info=True)
-        # No closing barrier: healthy ranks may be inside a collective this one will never join.
-        shutdown_distributed(wait_for_others=False)
-        sys.exit(2)
+    except SystemExit as stop:  # the job ended itself (a preempted teacher pretraining: code 0)
+        if stop.code not in (0, None):
+            end_failed_run(stop)
+    except BaseException as error:  # noqa: BLE001 - every failure ends through the same safe exit
+        end_failed_run(error)
     # The job's model and optimizer sit in reference cycles (module hooks) that can still hold the process group
     # and gloo work. Free them while the interpreter is whole, not during its teardown, where freeing gloo work
     # can abort the process after a clean run.
     gc.collect()
     shutdown_distributed()
+
+
+def end_failed_run(error: BaseException) -> NoReturn:
+    """Log why the run failed (a user error in one line, anything else with its traceback), then end it:
+    exit code 2 for user errors, 1 otherwise (or the code a job's SystemExit carries)."""
+    log = logging.getLogger("run")
+    if isinstance(error, SystemExit):
+        if isinstance(error.code, str):
+            log.error("%s", error.code)
+        end_process(error.code if isinstance(error.code, int) else 1)
+    if isinstance(error, USER_ERRORS):
+        log.error("%s", error)
+        log.debug("traceback of the error above", exc_info=error)
+        end_process(2)
+    # A bug, a peer rank gone in the middle of a collective, Ctrl-C.
+    log.error("the run failed", exc_info=error)
+    end_process(1)
+
+
+def end_process(code: int) -> NoReturn:
+    """End a failed run with `code`, logs flushed. Under torchrun the process ends at once, without teardown.
+
+    Tearing down a live gloo process group while the error's traceback (holding the DDP model, its reducer and
+    gloo work) is freed can deadlock (the group joins its thread, which waits for the GIL) or abort; healthy
+    ranks may also sit in a collective this one will never join, so no closing barrier either. The torchrun
+    agent sees the exit code and stops the other ranks.
+    """
+    if not is_distributed():
+        sys.exit(code)
+    logging.shutdown()  # flush and close every handler (console, metrics files), as a normal exit would
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe must not keep the process alive
+            stream.flush()
+    os._exit(code)

@@ -25,6 +25,7 @@ from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
+from training.identity import identity_meta
 from training.loop import LoopParts, LoopResult, run_loop
 from training.masked_lm_metrics import packed_kwargs
 from training.metrics_log import MetricsLogger
@@ -75,7 +76,8 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     optimizer = build_optimizer(model, tcfg, ctx.device)
     output_dir = Path(run.output_dir)
     meta = {**task.meta, "model_config": task.export_config.to_dict(), "export_prefix": task.export_prefix,
-            "vocab_tokens_file": str(output_dir / "vocab.txt")}
+            "vocab_tokens_file": str(output_dir / "vocab.txt"),
+            **identity_meta(run, ctx, task.export_config, data, task.meta)}
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         data.vocab.save(output_dir / "vocab.txt")
@@ -89,7 +91,8 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         ctx=ctx, model=model, loss_fn=task.loss_fn, optimizer=optimizer, scheduler=build_scheduler(optimizer, tcfg),
         train_loader=data.train_loader,
         checkpointer=Checkpointer(run.checkpoint.dir, rank=ctx.rank, keep_last=run.checkpoint.keep_last,
-                                  async_save=run.checkpoint.async_save, meta=meta),
+                                  async_save=run.checkpoint.async_save, meta=meta,
+                                  allow_changed_run=run.checkpoint.allow_changed_run),
         logger=logger, evaluate=lambda: task.evaluate(model, eval_batches),
         autocast=autocast,
         flops_per_token=_flops_per_token(task.export_config, data),
