@@ -17,13 +17,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from checkpointing.checkpointer import Checkpointer
 from common.collectives import barrier
+from dataset.batch import model_inputs
 from dataset.vocab import Vocabulary
 from model.hf_dir import export_model_dir
 from modeling_bert_te import BertTEConfig
 from training.builders import DataBundle, autocast_factory, fixed_eval_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext
-from training.evaluation import packed_kwargs
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.loop import LoopParts, LoopResult, run_loop
 from training.metrics_log import MetricsLogger
@@ -118,8 +118,7 @@ def export_trained_model(model: nn.Module, task: Task, data: DataBundle, out_dir
 
 def masked_lm_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """Summed cross-entropy over the batch's masked tokens (the loop divides by the global count)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                **packed_kwargs(batch))
+    out = model(**model_inputs(batch))
     # The model already computed the mean over these tokens; the sum is that mean times their count.
     ce = out.loss * out.masked_labels.numel()
     return {"loss": ce, "mlm": ce.detach()}
