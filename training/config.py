@@ -21,9 +21,14 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config '{key}': {message}")
 
 
+# What FP8 GEMM dimensions (tokens, widths) must divide by: FP8 tensor cores need 16; MXFP8 scales blocks of 32.
+FP8_ALIGNMENT = 16
+MXFP8_ALIGNMENT = 32
+
+
 def fp8_alignment(fp8: str, recipe: str) -> int:
-    """What FP8 GEMM dimensions (tokens, widths) must divide by: MXFP8 scales blocks of 32, the others need 16."""
-    return 32 if fp8 == "te" and recipe == "mxfp8" else 16
+    """The alignment FP8 GEMMs of this setting need (training.fp8, training.fp8_recipe)."""
+    return MXFP8_ALIGNMENT if fp8 == "te" and recipe == "mxfp8" else FP8_ALIGNMENT
 
 
 def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:

@@ -15,12 +15,12 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling_bert_te import BertForMaskedLM
+from training.config import FP8_ALIGNMENT
 
 if TYPE_CHECKING:
     from transformer_engine.common.recipe import Recipe
 
 log = logging.getLogger(__name__)
-FP8_ALIGNMENT = 16
 
 
 def float8_eligible(module: nn.Module, fqn: str) -> bool:
