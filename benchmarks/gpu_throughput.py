@@ -190,7 +190,7 @@ def recipe_step(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict
     return step
 
 
-def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False,
+def ours_model(config: BertTEConfig, opts: dict, *, tokens: int, frozen: bool = False,
                te_recipe: str = "delayed") -> BertForMaskedLM:
     """Our model in a mode's form: TE layers, torchao FP8 training (not for a frozen teacher; TE's FP8 comes from
     the autocast) and compile as asked."""
@@ -200,7 +200,7 @@ def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False,
         config.use_te_layers = True
     model = BertForMaskedLM(config)
     if not frozen and opts["fp8"] == "torchao":
-        apply_float8(model)
+        apply_float8(model, tokens=tokens, scaling=opts.get("scaling", "tensorwise"))
     elif opts["fp8"] == "te":
         # TE layers run FP8 under the autocast, frozen or not.
         align_packed_tokens(model, fp8_alignment("te", te_recipe))
@@ -261,7 +261,7 @@ def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConf
 def ours_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str, mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    model = ours_model(config, opts, te_recipe=args.te_recipe)
+    model = ours_model(config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
     opt = build_optimizer(model, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
     step = recipe_step(model, masked_lm_loss, opt, mode_autocast(opts, args.te_recipe))
@@ -337,9 +337,9 @@ def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig,
                  mode: str) -> Result:
     opts = OUR_MODES[mode]
     batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    teacher = ours_model(t_config, opts, frozen=True, te_recipe=args.te_recipe)
+    teacher = ours_model(t_config, opts, tokens=args.max_tokens, frozen=True, te_recipe=args.te_recipe)
     teacher = teacher.to(TEACHER_DTYPE).eval().requires_grad_(False)
-    student = ours_model(s_config, opts, te_recipe=args.te_recipe)
+    student = ours_model(s_config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
     trainable = StudentWithProjections(student, t_config.hidden_size, 0)
     loss_fn = DistillationLoss(teacher, DistillConfig(), default_layer_map(s_config.num_hidden_layers,
                                t_config.num_hidden_layers), s_config.num_attention_heads)

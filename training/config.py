@@ -80,6 +80,8 @@ class TrainingConfig:
     compile: bool = False
     fp8: str = "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
     fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
+    fp8_scaling: str = "tensorwise"  # with fp8=torchao: tensorwise | rowwise
+    fp8_layers: str = "auto"  # with fp8=torchao: auto (only GEMMs large enough to gain) | all (every aligned one)
     nonfinite: str = "stop"  # stop | skip
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
 
@@ -94,6 +96,8 @@ class TrainingConfig:
         _one_of(self.nonfinite, "training.nonfinite", ("stop", "skip"))
         _one_of(self.fp8, "training.fp8", ("off", "torchao", "te"))
         _one_of(self.fp8_recipe, "training.fp8_recipe", ("delayed", "current", "mxfp8"))
+        _one_of(self.fp8_scaling, "training.fp8_scaling", ("tensorwise", "rowwise"))
+        _one_of(self.fp8_layers, "training.fp8_layers", ("auto", "all"))
         _require(self.num_train_steps > 0, "training.num_train_steps", "must be > 0")
         _require(self.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0")
         _require(self.lr > 0, "training.lr", "must be > 0")

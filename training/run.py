@@ -63,7 +63,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     dtype = compute_dtype(tcfg.precision, ctx.device)
     autocast = autocast_factory(dtype, ctx.device, tcfg.strategy)
     if tcfg.fp8 == "torchao":
-        apply_float8(task.trainable)
+        apply_float8(task.trainable, tokens=run.data.max_tokens, scaling=tcfg.fp8_scaling, layers=tcfg.fp8_layers)
     elif tcfg.fp8 == "te":
         autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
         align_packed_tokens(task.trainable, tcfg.fp8_alignment())
