@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dataset.batch import model_inputs
+from dataset.batch import labelled_rows, model_inputs
 from distillation.losses import hidden_mse_mean, kd_kl_sum, relation_kl_mean, token_mask
 from modeling_bert_te import BertForMaskedLM
 from training.config import DistillConfig
@@ -77,8 +77,9 @@ class DistillationLoss:
         t_logits, t_hidden, t_qkv = self.teacher_outputs(batch)
         s_out, s_projected = model(want_hidden=self.student_layers, **model_inputs(batch),
                                    return_qkv_layer=cfg.relation_student_layer if cfg.relation_weight > 0 else None)
-        n_masked = s_out.masked_labels.numel()
-        terms = {"mlm": s_out.loss * n_masked, "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature)}
+        labelled = labelled_rows(s_out.masked_labels)
+        n_masked = labelled.sum()
+        terms = {"mlm": s_out.loss * n_masked, "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature, labelled)}
         mask = token_mask(batch.get("attention_mask"), batch["input_ids"].view(-1, batch["input_ids"].shape[-1]))
         if cfg.hidden_weight > 0:
             mse = sum(hidden_mse_mean(s, t, mask) for s, t in zip(s_projected, t_hidden, strict=True))

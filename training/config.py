@@ -78,6 +78,9 @@ class TrainingConfig:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
+    # Static-shape packed batches and a step replayed as CUDA graphs (torch.compile mode=reduce-overhead): for small
+    # models bound by kernel launches. Needs a CUDA GPU, data.packed=true and data.max_cells; replaces `compile`.
+    cuda_graphs: bool = False
     fp8: str = "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
     fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
     fp8_scaling: str = "tensorwise"  # with fp8=torchao: tensorwise | rowwise
@@ -216,6 +219,7 @@ class RunConfig:
                      self.finetune):
             if part is not None:
                 part.validate()
+        self._validate_cuda_graphs()
         _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
         _require(self.distill is None or self.distill.relation_weight == 0 or not self.data.packed,
                  "distill.relation_weight", "self-attention relations are per cell; set data.packed=false with them")
@@ -228,6 +232,23 @@ class RunConfig:
                  f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
                  "training.fp8=torchao, which leaves such layers in bf16")
         return self
+
+
+    def _validate_cuda_graphs(self) -> None:
+        """CUDA graphs replay fixed shapes on one CUDA device: refuse, naming the fix, what cannot be captured."""
+        if not self.training.cuda_graphs:
+            return
+        needs = {"data.packed": (self.data.packed, "static shapes are packed batches; set data.packed=true"),
+                 "data.max_cells": (self.data.max_cells is not None,
+                                    "the static cell count comes from it; set the most cells a micro-batch may hold"),
+                 "training.device": (self.training.device != "cpu",
+                                     "CUDA graphs need a CUDA GPU; set training.cuda_graphs=false on CPU"),
+                 "training.strategy": (self.training.strategy == "ddp",
+                                       "FSDP2's per-layer gathers cannot be captured; use training.strategy=ddp"),
+                 "training.fp8": (self.training.fp8 != "te",
+                                  "Transformer Engine layers are not captured here; use training.fp8=torchao or off")}
+        for key, (ok, fix) in needs.items():
+            _require(ok, key, f"with training.cuda_graphs=true: {fix}")
 
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from checkpointing.checkpointer import Checkpointer
 from common.collectives import barrier
-from dataset.batch import model_inputs
+from dataset.batch import labelled_rows, model_inputs
 from dataset.vocab import Vocabulary
 from model.hf_dir import export_model_dir
 from modeling_bert_te import BertTEConfig
@@ -68,7 +68,8 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
         align_packed_tokens(task.trainable, tcfg.fp8_alignment())
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
-                        activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
+                        activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile,
+                        cuda_graphs=tcfg.cuda_graphs)
     optimizer = build_optimizer(model, tcfg, ctx.device)
     output_dir = Path(run.output_dir)
     meta = {**task.meta, "model_config": task.export_config.to_dict(), "export_prefix": task.export_prefix,
@@ -120,5 +121,5 @@ def masked_lm_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """Summed cross-entropy over the batch's masked tokens (the loop divides by the global count)."""
     out = model(**model_inputs(batch))
     # The model already computed the mean over these tokens; the sum is that mean times their count.
-    ce = out.loss * out.masked_labels.numel()
+    ce = out.loss * labelled_rows(out.masked_labels).sum()
     return {"loss": ce, "mlm": ce.detach()}
