@@ -1,5 +1,6 @@
 """One GPU, one process: real (unpadded) tokens/s, step time, peak memory and MFU of the usual recipe's baseline
-and of ours in each mode, for 10m pretraining, 10m -> 4m distillation and 106m bf16 vs FP8, on the built-in corpus.
+and of ours in each mode (packing, compile, CUDA graphs, FP8), for 10m pretraining, 10m -> 4m distillation and 106m
+bf16 vs FP8, on the built-in corpus.
 
 Run: python benchmarks/gpu_throughput.py [--steps 30] [--warmup 8] [--parts pretrain,distill,106m] [--json out.json]
 """
@@ -33,6 +34,7 @@ from dataset.collator import MLMCollator  # noqa: E402
 from dataset.corpus import CellCorpus  # noqa: E402
 from dataset.loader import CellBatchLoader  # noqa: E402
 from dataset.sampler import TokenBudgetSampler  # noqa: E402
+from dataset.static_shape import StaticShape  # noqa: E402
 from dataset.vocab import Vocabulary  # noqa: E402
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map  # noqa: E402
 from modeling_bert_te import BertForMaskedLM, BertTEConfig  # noqa: E402
@@ -40,9 +42,9 @@ from training.builders import model_config_by_name  # noqa: E402
 from training.config import DistillConfig, TrainingConfig, fp8_alignment  # noqa: E402
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
-from training.parallelize import compile_layers  # noqa: E402
+from training.parallelize import capture_cuda_graphs, compile_layers  # noqa: E402
 from training.run import masked_lm_loss  # noqa: E402
-from training.step import train_step  # noqa: E402
+from training.step import mark_graph_step, train_step  # noqa: E402
 from training.throughput import peak_flops, peak_memory_mb, train_flops_per_token  # noqa: E402
 
 GPU = torch.device("cuda")  # `--smoke-cpu` swaps in the CPU to check the script itself on a tiny run
@@ -89,11 +91,19 @@ def baseline_batches(cells: Cells, n: int, batch_size: int, seed: int = 0) -> li
                          batch_index=i, rank=0)) for i in range(n)]
 
 
-def budget_batches(cells: Cells, n: int, max_tokens: int, packed: bool, seed: int = 0) -> list[dict]:
-    """The recipe's batches: length-sorted token-budget micro-batches (padded, or packed with cu_seqlens)."""
-    sampler = TokenBudgetSampler(cells.corpus.lengths, cells.indices, max_tokens=max_tokens, max_cells=None,
+STATIC_MAX_CELLS = 1024  # data.max_cells of the static-shape (CUDA graph) modes: more than any 32k batch holds
+
+
+def budget_batches(cells: Cells, n: int, max_tokens: int, packed: bool, seed: int = 0, static: bool = False,
+                   ) -> list[dict]:
+    """The recipe's batches: length-sorted token-budget micro-batches (padded, or packed with cu_seqlens; with
+    `static`, in training.cuda_graphs's fixed shapes)."""
+    max_cells = STATIC_MAX_CELLS if static else None
+    sampler = TokenBudgetSampler(cells.corpus.lengths, cells.indices, max_tokens=max_tokens, max_cells=max_cells,
                                  rank=0, world_size=1, seed=seed)
-    loader = CellBatchLoader(cells.corpus, sampler, MLMCollator(cells.vocab, packed=packed, seed=seed), rank=0)
+    shape = StaticShape.for_budget(max_tokens, STATIC_MAX_CELLS, int(cells.corpus.lengths.max())) if static else None
+    collator = MLMCollator(cells.vocab, packed=packed, static_shape=shape, seed=seed)
+    loader = CellBatchLoader(cells.corpus, sampler, collator, rank=0)
     return [pin(next(loader)) for _ in range(n)]
 
 
@@ -144,7 +154,7 @@ def compiled_graphs() -> int:
 
 
 def compile_note(opts: dict, graphs_before: int) -> str:
-    return f"{compiled_graphs() - graphs_before} compiled graphs" if opts["compile"] else ""
+    return f"{compiled_graphs() - graphs_before} compiled graphs" if opts["compile"] or opts["graphs"] else ""
 
 
 def mfu(flops_per_token: float, tokens_per_s: float) -> float | None:
@@ -205,7 +215,9 @@ def ours_model(config: BertTEConfig, opts: dict, *, tokens: int, frozen: bool = 
         # TE layers run FP8 under the autocast, frozen or not.
         align_packed_tokens(model, fp8_alignment("te", te_recipe))
     model.to(GPU)
-    if opts["compile"]:
+    if opts["graphs"]:
+        capture_cuda_graphs(model)
+    elif opts["compile"]:
         compile_layers(model.bert.encoder.layer)
     return model
 
@@ -216,14 +228,19 @@ def mode_autocast(opts: dict, recipe: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------------- parts
-def _mode(packed: bool, compile: bool = False, fp8: str | None = None, te: bool = False) -> dict:
-    return dict(packed=packed, compile=compile, fp8=fp8, te=te)
+def _mode(packed: bool, compile: bool = False, fp8: str | None = None, te: bool = False, graphs: bool = False,
+          scaling: str = "tensorwise") -> dict:
+    return dict(packed=packed, compile=compile, fp8=fp8, te=te, graphs=graphs, scaling=scaling)
 
 
 OUR_MODES = {"bf16": _mode(packed=False),
              "bf16 +packing": _mode(packed=True),
              "bf16 +packing +compile": _mode(packed=True, compile=True),
+             # training.cuda_graphs: static shapes, the whole model compiled with mode=reduce-overhead
+             "bf16 +packing +graphs": _mode(packed=True, graphs=True),
              "fp8 +packing +compile": _mode(packed=True, compile=True, fp8="torchao"),
+             "fp8 rowwise +packing +compile": _mode(packed=True, compile=True, fp8="torchao", scaling="rowwise"),
+             "fp8 +packing +graphs": _mode(packed=True, graphs=True, fp8="torchao"),
              "te bf16 +packing": _mode(packed=True, te=True),
              "te fp8 +packing": _mode(packed=True, fp8="te", te=True)}
 TE_AVAILABLE = importlib.util.find_spec("transformer_engine") is not None
@@ -260,7 +277,7 @@ def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConf
 
 def ours_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str, mode: str) -> Result:
     opts = OUR_MODES[mode]
-    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
+    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"], static=opts["graphs"])
     model = ours_model(config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
     opt = build_optimizer(model, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
@@ -302,11 +319,13 @@ def naive_distill_step(student: transformers.BertForMaskedLM, teacher: transform
 def teacher_forward_time(loss_fn: DistillationLoss, batches: list[dict], steps: int, autocast: Callable) -> float:
     """Seconds per teacher forward (as the distillation loss runs it, in the step's autocast) on the same batches."""
     for batch in batches[:3]:
+        mark_graph_step()
         with autocast():
             loss_fn.teacher_outputs(move_batch(batch, GPU))
     synchronize()
     start = time.perf_counter()
     for i in range(steps):
+        mark_graph_step()
         with autocast():
             loss_fn.teacher_outputs(move_batch(batches[i % len(batches)], GPU))
     synchronize()
@@ -336,7 +355,7 @@ def baseline_distill(cells: Cells, args: argparse.Namespace, t_config: BertTECon
 def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig, s_config: BertTEConfig,
                  mode: str) -> Result:
     opts = OUR_MODES[mode]
-    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
+    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"], static=opts["graphs"])
     teacher = ours_model(t_config, opts, tokens=args.max_tokens, frozen=True, te_recipe=args.te_recipe)
     teacher = teacher.to(TEACHER_DTYPE).eval().requires_grad_(False)
     student = ours_model(s_config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
@@ -388,6 +407,8 @@ def main() -> None:
     parser.add_argument("--parts", default="pretrain,distill,106m", help="comma list of pretrain, distill, 106m")
     parser.add_argument("--modes", default=",".join(default_modes(list(OUR_MODES))),
                         help=f"comma list of {', '.join(OUR_MODES)} (te modes need transformer_engine)")
+    parser.add_argument("--modes-106m", default="bf16 +packing,bf16 +packing +compile,fp8 +packing +compile,"
+                        "fp8 rowwise +packing +compile,te bf16 +packing,te fp8 +packing", help="modes of the 106m part")
     parser.add_argument("--te-recipe", default="delayed", choices=["delayed", "current", "mxfp8"],
                         help="training.fp8_recipe of the te fp8 modes")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
@@ -416,7 +437,8 @@ def main() -> None:
         raise SystemExit("gpu_throughput.py measures GPU training; no CUDA device is visible")
     torch.backends.cuda.matmul.allow_tf32 = True
     parts, modes = args.parts.split(","), args.modes.split(",")
-    for name, given, known in (("--parts", parts, ("pretrain", "distill", "106m")), ("--modes", modes, OUR_MODES)):
+    for name, given, known in (("--parts", parts, ("pretrain", "distill", "106m")), ("--modes", modes, OUR_MODES),
+                               ("--modes-106m", args.modes_106m.split(","), OUR_MODES)):
         unknown = [item for item in given if item not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
@@ -427,15 +449,14 @@ def main() -> None:
     results: list[Result] = []
     runs = {"pretrain": lambda: pretrain_part(cells, args, "10m", modes, baseline=True),
             "distill": lambda: distill_part(cells, args, modes),
-            "106m": lambda: pretrain_part(cells, args, "106m", default_modes(
-                ["bf16 +packing", "bf16 +packing +compile", "fp8 +packing +compile", "te bf16 +packing",
-                 "te fp8 +packing"]), baseline=False)}
+            "106m": lambda: pretrain_part(cells, args, "106m", default_modes(args.modes_106m.split(",")),
+                                          baseline=False)}
     for part in parts:
         results += runs[part]()
         print_table(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(), "args": vars(args),
-                                               "results": [r.__dict__ for r in results]}, indent=2))
+        if args.json:  # after every part: a run stopped by a time limit keeps the parts it finished
+            Path(args.json).write_text(json.dumps({"environment": environment(), "args": vars(args),
+                                                   "results": [r.__dict__ for r in results]}, indent=2))
 
 
 if __name__ == "__main__":
