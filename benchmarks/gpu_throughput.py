@@ -122,9 +122,16 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def real_cells(batch: dict) -> int:
+    """Cells of the corpus in a batch: not the filler or empty cells of a static-shape one."""
+    if "cu_seqlens" not in batch:
+        return batch["input_ids"].shape[0]
+    cu = batch["cu_seqlens"]
+    return int(((cu[1:] > cu[:-1]) & (cu[1:] <= real_tokens(batch))).sum())
+
+
 def mean_cell_length(batches: list[dict]) -> float:
-    cells = sum(len(b["cu_seqlens"]) - 1 if "cu_seqlens" in b else b["input_ids"].shape[0] for b in batches)
-    return sum(real_tokens(b) for b in batches) / cells
+    return sum(real_tokens(b) for b in batches) / sum(real_cells(b) for b in batches)
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -423,12 +430,14 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="check the script on a CPU: one tiny fp32 step per mode, replacing --steps, --warmup, "
-                             "--batches, --max-tokens and --baseline-batch-size (figures meaningless)")
+                             "--batches, --max-tokens, --max-length and --baseline-batch-size (figures meaningless)")
     args = parser.parse_args()
     if args.smoke_cpu:
         # Minutes on a laptop instead of hours: every mode and part still runs end to end.
         args.steps, args.warmup, args.batches, args.max_tokens, args.baseline_batch_size = 1, 1, 2, 2048, "2"
-        global GPU, BF16_AUTOCAST, TEACHER_DTYPE
+        global GPU, BF16_AUTOCAST, TEACHER_DTYPE, STATIC_MAX_CELLS
+        # The CPU's attention fills an [all cells, longest cell] grid: short cells and few static cell slots.
+        args.max_length, STATIC_MAX_CELLS = 256, 32
         GPU = torch.device("cpu")
         # fp32: CPUs without bf16 units emulate it many times slower, and the smoke checks code paths, not speed.
         BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cpu", enabled=False)
