@@ -21,7 +21,6 @@ def model_inputs(batch: dict) -> dict[str, torch.Tensor | int | None]:
             "labels": batch["labels"], **packed_kwargs(batch)}
 
 
-
 def labelled_rows(masked_labels: torch.Tensor) -> torch.Tensor:
     """Which rows of a forward's masked rows carry a label: all of them, except the padding rows a static-shape
     batch adds to keep the head's shape fixed (counted on the device: no wait)."""

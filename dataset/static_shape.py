@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.packing import filler_cell_sizes
 from dataset.batch import IGNORE_INDEX
 
 
@@ -29,10 +30,6 @@ class StaticShape:
         return cls(tokens=max_tokens, cells=max_cells + -(-max_tokens // max_seqlen) + 1, max_seqlen=max_seqlen)
 
 
-def _filler_sizes(filler: int, longest: int) -> list[int]:
-    return [longest] * (filler // longest) + ([filler % longest] if filler % longest else [])
-
-
 def fill_to_static_shape(input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, shape: StaticShape,
                          pad_id: int) -> dict[str, torch.Tensor | int]:
     """A packed batch of `lengths` cells (flat ids and labels) in `shape`; filler tokens carry no label and an
@@ -42,7 +39,7 @@ def fill_to_static_shape(input_ids: np.ndarray, labels: np.ndarray, lengths: np.
         raise ValueError(f"a batch of {total} tokens (longest cell {int(lengths.max())}) does not fit the static "
                          f"shape of {shape.tokens} tokens and cells of at most {shape.max_seqlen}; raise "
                          "data.max_tokens, or set training.cuda_graphs=false")
-    sizes = _filler_sizes(shape.tokens - total, shape.max_seqlen)
+    sizes = filler_cell_sizes(shape.tokens - total, shape.max_seqlen)
     if len(lengths) + len(sizes) > shape.cells:
         raise ValueError(f"a batch of {len(lengths)} cells needs {len(sizes)} filler cells, more than the static "
                          f"{shape.cells} cell slots; set data.max_cells to the most cells a micro-batch may hold")

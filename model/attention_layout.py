@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.device import host_to_device
+from common.packing import filler_cell_sizes
 
 
 @dataclass
@@ -72,7 +73,7 @@ def packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int, 
     filler = -total % token_multiple
     if filler:
         # Cells of at most `longest` tokens keep max_seqlen, and so the attention kernels' shapes, unchanged.
-        sizes = [longest] * (filler // longest) + ([filler % longest] if filler % longest else [])
+        sizes = filler_cell_sizes(filler, longest)
         ends = total + torch.tensor(sizes, dtype=torch.long).cumsum(0)
         cu = torch.cat([cu, host_to_device(ends, device)])
         total += filler

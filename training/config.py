@@ -233,7 +233,6 @@ class RunConfig:
                  "training.fp8=torchao, which leaves such layers in bf16")
         return self
 
-
     def _validate_cuda_graphs(self) -> None:
         """CUDA graphs replay fixed shapes on one CUDA device: refuse, naming the fix, what cannot be captured."""
         if not self.training.cuda_graphs:
