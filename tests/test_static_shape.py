@@ -120,3 +120,12 @@ def test_a_static_batch_step_reads_nothing_back_from_the_device():
         meta = BertForMaskedLM(BertTEConfig(**TINY))
     masked_lm_loss(meta, move_batch(collate([5, 12, 9, 30], static=True), torch.device("meta")))["loss"].backward()
     assert meta.bert.embeddings.word_embeddings.weight.grad.shape == (64, 32)
+
+
+def test_empty_cells_are_accepted_only_after_the_real_ones():
+    m = model().eval()
+    ids = torch.randint(VOCAB.first_gene_id, VOCAB.size, (1, 20))
+    trailing = m(ids, cu_seqlens=torch.tensor([0, 8, 20, 20, 20], dtype=torch.int32)).logits
+    torch.testing.assert_close(trailing, m(ids, cu_seqlens=torch.tensor([0, 8, 20], dtype=torch.int32)).logits)
+    with pytest.raises(ValueError, match="empty cells only at the end"):
+        m(ids, cu_seqlens=torch.tensor([0, 8, 8, 20], dtype=torch.int32))
