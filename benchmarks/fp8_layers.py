@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--cell-length", type=int, default=512, help="length of each packed cell")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(label for label, _, _ in VARIANTS),
+                        help="comma list of the variants to time (bf16 is the reference and always runs)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke-cpu", action="store_true", help="check the script on a CPU: tiny widths and tokens, "
@@ -116,8 +118,12 @@ def main() -> None:
     config = stack_config(args.model, args.smoke_cpu)
     print(f"{args.layers} x {args.model} layers (hidden {config.hidden_size}, intermediate {config.intermediate_size}), "
           f"{args.tokens} tokens in cells of {args.cell_length}, compile={args.compile}, {device}")
+    wanted = {"bf16", *args.variants.split(",")}
+    unknown = wanted - {label for label, _, _ in VARIANTS}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(v[0] for v in VARIANTS)}")
     results = {}
-    for label, scaling, layers in VARIANTS:
+    for label, scaling, layers in (v for v in VARIANTS if v[0] in wanted):
         try:
             results[label] = time_variant(config, args, device, scaling, layers)
         except Exception as error:  # noqa: BLE001 - a benchmark keeps measuring the other variants

@@ -2,7 +2,7 @@
 beside the stock baseline (packing, compile, CUDA graphs, FP8), a 4b FP8 layer stack, `pytest -m gpu`, then the
 distillation quality table with the time left. Each piece is a subprocess with its own time limit; figures go to files.
 
-Run: python benchmarks/gpu_session.py --out DIR [--budget 570]    (rehearsal on a CPU: --smoke-cpu)
+Run: python benchmarks/gpu_session.py --out DIR [--budget 540]    (rehearsal on a CPU: --smoke-cpu)
 """
 
 from __future__ import annotations
@@ -38,17 +38,18 @@ class Piece:
 def gpu_pieces() -> list[Piece]:
     py, tp = sys.executable, str(BENCH / "gpu_throughput.py")
     return [
-        Piece("pytest_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 90),
+        Piece("pytest_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 60),
         Piece("pretrain_10m", [py, tp, "--parts", "pretrain", "--baseline-batch-size", "32", *STEPS, "--modes",
                                "bf16 +packing,bf16 +packing +compile,bf16 +packing +graphs,fp8 +packing +compile"],
-              150, "pretrain_10m.json"),
+              140, "pretrain_10m.json"),
         Piece("distill_10m_4m", [py, tp, "--parts", "distill", "--baseline-batch-size", "12", *STEPS, "--modes",
-                                 "bf16 +packing +compile,bf16 +packing +graphs"], 130, "distill_10m_4m.json"),
+                                 "bf16 +packing +compile,bf16 +packing +graphs"], 140, "distill_10m_4m.json"),
         Piece("pretrain_106m", [py, tp, "--parts", "106m", *STEPS, "--modes-106m",
                                 "bf16 +packing +compile,fp8 +packing +compile,fp8 rowwise +packing +compile"],
-              130, "pretrain_106m.json"),
-        Piece("fp8_layers_4b", [py, str(BENCH / "fp8_layers.py"), "--model", "4b", "--layers", "4"], 70,
-              "fp8_layers_4b.json"),
+              120, "pretrain_106m.json"),
+        # At the 4b shape every layer gains, so `auto` is `all` there.
+        Piece("fp8_layers_4b", [py, str(BENCH / "fp8_layers.py"), "--model", "4b", "--layers", "4", "--variants",
+                                "fp8 tensorwise auto,fp8 rowwise auto"], 80, "fp8_layers_4b.json"),
         # With what is left: a 10m teacher, then a 4m student distilled and trained by masked-LM alone.
         Piece("quality_4m", [py, str(BENCH / "distill_quality.py"), "--teacher-model", "10m", "--student", "4m",
                              "--teacher-steps", "1500", "--steps", "600", "--max-tokens", "32768", "--max-length",
@@ -74,7 +75,9 @@ def smoke_pieces() -> list[Piece]:
               "distill_10m_4m.json"),
         Piece("pretrain_106m", [py, tp, "--parts", "106m", *smoke, "--modes-106m", "fp8 rowwise +packing +compile"],
               900, "pretrain_106m.json"),
-        Piece("fp8_layers_4b", [py, str(BENCH / "fp8_layers.py"), "--model", "4b", *smoke], 300, "fp8_layers_4b.json"),
+        # Tiny widths gain nothing from FP8: `all` runs the FP8 layers anyway.
+        Piece("fp8_layers_4b", [py, str(BENCH / "fp8_layers.py"), "--model", "4b", *smoke, "--variants",
+                                "fp8 tensorwise auto,fp8 rowwise all"], 300, "fp8_layers_4b.json"),
         Piece("quality_4m", [py, str(BENCH / "distill_quality.py"), "--student", "micro", "--steps", "2",
                              "--max-tokens", "512", "--max-length", "64", "--eval-cells", "8"], 600, min_left_s=60),
         Piece("quality_3m", [py, str(BENCH / "distill_quality.py"), "--teacher", QUALITY_TEACHER, "--student",
@@ -131,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for figures/, logs/, quality/ and session.json")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for everything (default 570 on a GPU, 3600 with --smoke-cpu)")
+                        help="seconds for everything (default 540 on a GPU, 3600 with --smoke-cpu)")
     parser.add_argument("--only", default=None, help="comma list of piece names to run (default: all)")
     parser.add_argument("--builtin-dir", default=str(ROOT / "outputs" / "builtin_corpus"))
     parser.add_argument("--smoke-cpu", action="store_true", help="rehearse every piece on a CPU at tiny shapes")
@@ -139,7 +142,7 @@ def main() -> None:
     pieces = smoke_pieces() if args.smoke_cpu else gpu_pieces()
     if args.only:
         pieces = [p for p in pieces if p.name in args.only.split(",")]
-    budget = args.budget or (3600.0 if args.smoke_cpu else 570.0)
+    budget = args.budget or (3600.0 if args.smoke_cpu else 540.0)
     out = Path(args.out).resolve()
     for sub in ("figures", "logs", "quality"):
         (out / sub).mkdir(parents=True, exist_ok=True)
