@@ -19,6 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))  # run as a plain script from anywhere
+
+from session_summary import write_summary  # noqa: E402
+
 STEPS = ["--steps", "12", "--warmup", "4", "--batches", "24"]
 QUALITY_TEACHER = "{out}/quality/quality_4m/teacher/final_model"  # the 10m teacher the 3m and 2m students reuse
 
@@ -153,7 +157,8 @@ def main() -> None:
         session["pieces"].append(run_piece(piece, out, budget - (time.perf_counter() - start), Path(args.builtin_dir)))
         session["elapsed_s"] = round(time.perf_counter() - start, 1)
         (out / "session.json").write_text(json.dumps(session, indent=2) + "\n")  # after every piece
-    print(f"done in {session['elapsed_s']:.0f} s of {budget:.0f}; figures in {out / 'figures'}, logs in {out / 'logs'}")
+        write_summary(out)
+    print(f"done in {session['elapsed_s']:.0f} s of {budget:.0f}; tables in {out / 'summary.md'}, logs in {out / 'logs'}")
 
 
 if __name__ == "__main__":
