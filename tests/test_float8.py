@@ -191,3 +191,24 @@ def test_te_fp8_step_tracks_the_bf16_loss(recipe):
     loss.backward()
     assert abs(loss.item() - reference) < 0.05 * reference
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+FP8_GPU_MISSING = not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(FP8_GPU_MISSING, reason="FP8 GEMMs need an Ada/Hopper or newer GPU")
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_torchao_fp8_on_a_gpu_tracks_the_bf16_loss_with_either_scaling(scaling):
+    cuda = torch.device("cuda")
+    ids = torch.randint(2, 100, (4, 32), device=cuda)
+    labels = torch.where(torch.rand(4, 32, device=cuda) < 0.3, ids, -100)
+    reference, fp8 = _model().to(cuda), _model()
+    apply_float8(fp8, tokens=128, scaling=scaling, layers="all")
+    fp8.to(cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = reference(ids, labels=labels).loss.item()
+        loss = fp8(ids, labels=labels).loss
+    loss.backward()
+    assert abs(loss.item() - expected) < 0.05 * expected
+    assert fp8.bert.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0

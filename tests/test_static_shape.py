@@ -129,3 +129,30 @@ def test_empty_cells_are_accepted_only_after_the_real_ones():
     torch.testing.assert_close(trailing, m(ids, cu_seqlens=torch.tensor([0, 8, 20], dtype=torch.int32)).logits)
     with pytest.raises(ValueError, match="empty cells only at the end"):
         m(ids, cu_seqlens=torch.tensor([0, 8, 8, 20], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_replayed_cuda_graph_steps_train_like_eager_steps():
+    """Three optimizer steps on static batches: captured (training.cuda_graphs) and eager losses agree."""
+    from training.parallelize import capture_cuda_graphs
+    from training.step import mark_graph_step
+
+    cuda = torch.device("cuda")
+    batches = [collate([5, 12, 9, 30], static=True, seed=s) for s in range(3)]
+    losses = {}
+    for captured in (False, True):
+        m = model().to(cuda)
+        if captured:
+            capture_cuda_graphs(m)
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+        losses[captured] = []
+        for batch in batches:
+            mark_graph_step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = masked_lm_loss(m, {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()})["loss"]
+            loss.backward()
+            optimizer.step()
+            losses[captured].append(loss.item())
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
