@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ class Piece:
     limit_s: int
     figures: str | None = None  # the file name its --json writes (under figures/)
     min_left_s: int = 0  # skipped unless this much of the budget is left
-    extra: list[str] = field(default_factory=list)
+    needs: str | None = None  # skipped unless this path (an earlier piece's output) exists
 
 
 def gpu_pieces() -> list[Piece]:
@@ -62,7 +62,8 @@ def gpu_pieces() -> list[Piece]:
         *(Piece(f"quality_{student}", [py, str(BENCH / "distill_quality.py"), "--teacher", QUALITY_TEACHER,
                                        "--student", student, "--steps", "600", "--max-tokens", "32768",
                                        "--max-length", "2048", "--eval-cells", "256", "--lr", "1e-3",
-                                       "--override", "data.packed=true"], 100, min_left_s=80)
+                                       "--override", "data.packed=true"], 100, min_left_s=80,
+                needs=QUALITY_TEACHER)
           for student in ("3m", "2m")),
     ]
 
@@ -86,7 +87,7 @@ def smoke_pieces() -> list[Piece]:
                              "--max-tokens", "512", "--max-length", "64", "--eval-cells", "8"], 600, min_left_s=60),
         Piece("quality_3m", [py, str(BENCH / "distill_quality.py"), "--teacher", QUALITY_TEACHER, "--student",
                              "micro", "--steps", "2", "--max-tokens", "512", "--max-length", "64", "--eval-cells",
-                             "8"], 600, min_left_s=60),
+                             "8"], 600, min_left_s=60, needs=QUALITY_TEACHER),
     ]
 
 
@@ -95,6 +96,8 @@ def run_piece(piece: Piece, out: Path, left_s: float, builtin_dir: Path) -> dict
     limit = int(min(piece.limit_s, left_s))
     if left_s < max(piece.min_left_s, 10):
         return {"name": piece.name, "status": f"skipped: {left_s:.0f} s of the budget left"}
+    if piece.needs and not Path(piece.needs.replace("{out}", str(out))).exists():
+        return {"name": piece.name, "status": f"skipped: no {piece.needs} (an earlier piece did not finish)"}
     command = [part.replace("{out}", str(out)) for part in piece.command]
     if piece.figures:
         command += ["--json", str(out / "figures" / piece.figures)]
