@@ -47,7 +47,9 @@ def summary_markdown(out: Path) -> str:
     lines = [f"# GPU session {session.get('started', '')}", "", "```", json.dumps(session.get("environment", {}),
              indent=1), "```", "", "| piece | status | seconds |", "|---|---|---:|"]
     lines += [f"| {p['name']} | {p['status']} | {p.get('seconds', '')} |" for p in session.get("pieces", [])]
-    throughput = sorted(f for f in (out / "figures").glob("*.json") if not f.name.startswith("fp8_layers"))
+    order = [p["name"] for p in session.get("pieces", [])]  # the session's order: pretraining, distillation, 106m
+    throughput = sorted((f for f in (out / "figures").glob("*.json") if not f.name.startswith("fp8_layers")),
+                        key=lambda f: order.index(f.stem) if f.stem in order else len(order))
     if throughput:
         lines += ["", "| part | mode | real tokens/s | step ms | peak GiB | MFU | teacher | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
