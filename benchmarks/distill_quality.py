@@ -109,9 +109,9 @@ def main() -> None:
           f"cells ({time.perf_counter() - start:.0f} s)")
     print(f"{'model':<28}{'accuracy':>10}{'loss':>9}{'acc/teacher':>13}")
     for name, (acc, loss) in rows.items():
-        print(f"{name:<28}{acc:>10.4f}{loss:>9.3f}{acc / teacher_acc:>13.3f}")
+        print(f"{name:<28}{acc:>10.4f}{loss:>9.3f}{acc / max(teacher_acc, 1e-12):>13.3f}")
     win = distilled["student_accuracy"] - baseline["accuracy"]
-    ratio = distilled["student_accuracy"] / teacher_acc
+    ratio = distilled["student_accuracy"] / max(teacher_acc, 1e-12)  # an untrained teacher may score 0
     print(f"distilled - masked-LM only: {win:+.4f} ({'met' if win > 0 else 'NOT met'}: target > 0); "
           f"student/teacher: {ratio:.3f} ({'met' if ratio >= 0.9 else 'NOT met'}: target >= 0.9)")
     if teacher_acc < 0.05:

@@ -38,7 +38,7 @@ def quality_rows(folder: Path) -> list[str]:
     for summary in sorted(folder.glob("*/summary.json")):
         s = json.loads(summary.read_text())
         rows.append(f"| {summary.parent.name} | {s['teacher_accuracy']:.4f} | {s['distilled_accuracy']:.4f} "
-                    f"| {s['mlm_only_accuracy']:.4f} | {s['distilled_accuracy'] / s['teacher_accuracy']:.3f} |")
+                    f"| {s['mlm_only_accuracy']:.4f} | {s['distilled_accuracy'] / max(s['teacher_accuracy'], 1e-12):.3f} |")
     return rows
 
 
