@@ -34,7 +34,7 @@ from training.entry import run_entry
 from training.hydra_main import recipe_main
 from training.masked_lm_metrics import format_side_by_side
 from training.metrics_log import job_wandb, stage_wandb
-from training.parallelize import compile_layers, compute_dtype
+from training.parallelize import capture_cuda_graphs, check_cuda_graphs, compile_layers, compute_dtype
 from training.pretrain import pretrain
 from training.run import Task, run_training
 
@@ -69,8 +69,11 @@ def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle,
     student_config = model_config_from_dict(run.model)
     teacher_dtype = compute_dtype(cfg.teacher_precision, ctx.device)
     teacher = load_teacher(teacher_dir, ctx.device, teacher_dtype)
-    if run.training.compile:
-        compile_layers(teacher.bert.encoder.layer)  # the teacher's forward is a large share of each step
+    if run.training.cuda_graphs:
+        check_cuda_graphs(ctx.device)
+        capture_cuda_graphs(teacher)  # the teacher's forward is a large share of each step
+    elif run.training.compile:
+        compile_layers(teacher.bert.encoder.layer)
     check_teacher(teacher_dir, teacher.config, student_config, data.vocab, int(data.corpus.lengths.max()))
     student = build_model(student_config, run.seed)
     layer_map = [tuple(pair) for pair in cfg.layer_map] if cfg.layer_map else default_layer_map(

@@ -233,18 +233,24 @@ class BertOnlyMLMHead(nn.Module):
 
 
 def _masked_positions(flat_labels: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
-    """Flat indices of the labelled tokens: `given` ones checked on the device without a sync, else found here."""
+    """Flat indices of the labelled tokens: `given` ones checked on the device without a sync, else found here.
+
+    `given` may end with a tail of unlabelled positions (static-shape batches round their masked rows up so): their
+    label is -100, so every loss ignores those rows."""
     if given is None:
         return torch.nonzero(flat_labels != -100, as_tuple=False).squeeze(1)  # waits for the GPU: sizes its output
     if given.dim() != 1 or given.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"masked_positions must be a 1-D integer tensor; got {given.dtype} of shape {tuple(given.shape)}")
     given = host_to_device(given, flat_labels.device)
     labelled = flat_labels != -100
+    n_labelled = labelled.sum()
+    head = torch.arange(given.numel(), device=given.device) < n_labelled  # the rows that must list labelled tokens
     # Raised on the device when it runs (at the next sync on a GPU): no wait here.
-    torch._assert_async(labelled.sum() == given.numel(),
+    torch._assert_async(n_labelled <= given.numel(),
                         "masked_positions does not list every labelled token (labels != -100)")
-    torch._assert_async(labelled.index_select(0, given).all(), "masked_positions lists a token without a label")
-    torch._assert_async((given[1:] > given[:-1]).all(), "masked_positions must be strictly increasing")
+    torch._assert_async((labelled.index_select(0, given) == head).all(),
+                        "masked_positions lists a token without a label (before its unlabelled padding rows)")
+    torch._assert_async(((given[1:] > given[:-1]) | ~head[1:]).all(), "masked_positions must be strictly increasing")
     return given
 
 

@@ -18,13 +18,14 @@ TEACHER_SHAPE = ["model.hidden_size=64", "model.num_hidden_layers=4", "model.num
                  "model.intermediate_size=128"]
 
 
-def shared_overrides(args: argparse.Namespace, out: Path) -> list[str]:
-    """What every run shares: data, budget, schedule, seed; eval and checkpoint only at the end."""
+def shared_overrides(args: argparse.Namespace, out: Path, steps: int | None = None) -> list[str]:
+    """What every run shares: data, budget, schedule, seed; eval and checkpoint only at the end (after `steps`)."""
+    steps = steps or args.steps
     return [f"output_dir={out}", f"seed={args.seed}", f"model.max_position_embeddings={args.max_length}",
-            f"data.max_tokens={args.max_tokens}", f"training.num_train_steps={args.steps}",
-            f"training.warmup_steps={max(1, args.steps // 10)}", f"training.lr={args.lr}",
-            f"checkpoint.every_steps={args.steps}", f"eval.every_steps={args.steps}",
-            f"eval.max_cells={args.eval_cells}", "logging.progress_bar=false", "logging.plot=false"]
+            f"data.max_tokens={args.max_tokens}", f"training.num_train_steps={steps}",
+            f"training.warmup_steps={max(1, steps // 10)}", f"training.lr={args.lr}",
+            f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}",
+            f"eval.max_cells={args.eval_cells}", "logging.progress_bar=false", "logging.plot=false", *args.override]
 
 
 def launch(script: str, overrides: list[str], log_path: Path, threads: int) -> subprocess.Popen:
@@ -58,6 +59,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-cells", type=int, default=80, help="held-out cells scored (all runs the same cells)")
     p.add_argument("--student", default="micro", help="hydra_config/model/<name> of the student")
+    p.add_argument("--teacher-model", default="tiny", help="hydra_config/model/<name> of the teacher trained first")
+    p.add_argument("--teacher-steps", type=int, default=None, help="the teacher's steps (default: --steps)")
+    p.add_argument("--override", action="append", default=[],
+                   help="a hydra override of every run, e.g. data.packed=true (repeatable)")
     p.add_argument("--teacher-override", action="append", default=[],
                    help=f"model.* overrides of the teacher's tiny config (default: {' '.join(TEACHER_SHAPE)})")
     p.add_argument("--distill-override", action="append", default=[], help="e.g. distill.temperature=4 (repeatable)")
@@ -75,10 +80,10 @@ def main() -> None:
     teacher_dir = Path(args.teacher).resolve() if args.teacher else out / "teacher" / "final_model"
     if args.teacher is None:
         log = out / "teacher.log"
-        shape = args.teacher_override or TEACHER_SHAPE
+        shape = args.teacher_override or (TEACHER_SHAPE if args.teacher_model == "tiny" else [])
         # --threads, not more: on a shared CPU, OpenMP threads that wait for a busy core slow a step 5x.
-        wait(launch("train.py", ["model=tiny", *shape, *shared_overrides(args, out / "teacher")], log,
-                    args.threads), log)
+        wait(launch("train.py", [f"model={args.teacher_model}", *shape,
+                                 *shared_overrides(args, out / "teacher", args.teacher_steps)], log, args.threads), log)
     runs = {
         "distilled": ("distill.py", [f"model={args.student}", f"distill.teacher={teacher_dir}",
                                      *args.distill_override]),
@@ -104,9 +109,9 @@ def main() -> None:
           f"cells ({time.perf_counter() - start:.0f} s)")
     print(f"{'model':<28}{'accuracy':>10}{'loss':>9}{'acc/teacher':>13}")
     for name, (acc, loss) in rows.items():
-        print(f"{name:<28}{acc:>10.4f}{loss:>9.3f}{acc / teacher_acc:>13.3f}")
+        print(f"{name:<28}{acc:>10.4f}{loss:>9.3f}{acc / max(teacher_acc, 1e-12):>13.3f}")
     win = distilled["student_accuracy"] - baseline["accuracy"]
-    ratio = distilled["student_accuracy"] / teacher_acc
+    ratio = distilled["student_accuracy"] / max(teacher_acc, 1e-12)  # an untrained teacher may score 0
     print(f"distilled - masked-LM only: {win:+.4f} ({'met' if win > 0 else 'NOT met'}: target > 0); "
           f"student/teacher: {ratio:.3f} ({'met' if ratio >= 0.9 else 'NOT met'}: target >= 0.9)")
     if teacher_acc < 0.05:

@@ -1,5 +1,6 @@
 """One GPU, one process: real (unpadded) tokens/s, step time, peak memory and MFU of the usual recipe's baseline
-and of ours in each mode, for 10m pretraining, 10m -> 4m distillation and 106m bf16 vs FP8, on the built-in corpus.
+and of ours in each mode (packing, compile, CUDA graphs, FP8), for 10m pretraining, 10m -> 4m distillation and 106m
+bf16 vs FP8, on the built-in corpus.
 
 Run: python -m benchmarks.gpu_throughput [--steps 30] [--warmup 8] [--parts pretrain,distill,106m] [--json out.json]
 """
@@ -29,6 +30,7 @@ from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
 from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
+from dataset.static_shape import StaticShape
 from dataset.vocab import Vocabulary
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
@@ -36,9 +38,9 @@ from training.builders import model_config_by_name
 from training.config import DistillConfig, TrainingConfig, fp8_alignment
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.optim import build_optimizer
-from training.parallelize import compile_layers
+from training.parallelize import capture_cuda_graphs, compile_layers
 from training.run import masked_lm_loss
-from training.step import train_step
+from training.step import mark_graph_step, train_step
 from training.throughput import peak_flops, peak_memory_mb, train_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +89,19 @@ def baseline_batches(cells: Cells, n: int, batch_size: int, seed: int = 0) -> li
                          batch_index=i, rank=0)) for i in range(n)]
 
 
-def budget_batches(cells: Cells, n: int, max_tokens: int, packed: bool, seed: int = 0) -> list[dict]:
-    """The recipe's batches: length-sorted token-budget micro-batches (padded, or packed with cu_seqlens)."""
-    sampler = TokenBudgetSampler(cells.corpus.lengths, cells.indices, max_tokens=max_tokens, max_cells=None,
+STATIC_MAX_CELLS = 1024  # data.max_cells of the static-shape (CUDA graph) modes: more than any 32k batch holds
+
+
+def budget_batches(cells: Cells, n: int, max_tokens: int, packed: bool, seed: int = 0, static: bool = False,
+                   ) -> list[dict]:
+    """The recipe's batches: length-sorted token-budget micro-batches (padded, or packed with cu_seqlens; with
+    `static`, in training.cuda_graphs's fixed shapes)."""
+    max_cells = STATIC_MAX_CELLS if static else None
+    sampler = TokenBudgetSampler(cells.corpus.lengths, cells.indices, max_tokens=max_tokens, max_cells=max_cells,
                                  rank=0, world_size=1, seed=seed)
-    loader = CellBatchLoader(cells.corpus, sampler, MLMCollator(cells.vocab, packed=packed, seed=seed), rank=0)
+    shape = StaticShape.for_budget(max_tokens, STATIC_MAX_CELLS, int(cells.corpus.lengths.max())) if static else None
+    collator = MLMCollator(cells.vocab, packed=packed, static_shape=shape, seed=seed)
+    loader = CellBatchLoader(cells.corpus, sampler, collator, rank=0)
     return [pin(next(loader)) for _ in range(n)]
 
 
@@ -110,9 +120,16 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def real_cells(batch: dict) -> int:
+    """Cells of the corpus in a batch: not the filler or empty cells of a static-shape one."""
+    if "cu_seqlens" not in batch:
+        return batch["input_ids"].shape[0]
+    cu = batch["cu_seqlens"]
+    return int(((cu[1:] > cu[:-1]) & (cu[1:] <= real_tokens(batch))).sum())
+
+
 def mean_cell_length(batches: list[dict]) -> float:
-    cells = sum(len(b["cu_seqlens"]) - 1 if "cu_seqlens" in b else b["input_ids"].shape[0] for b in batches)
-    return sum(real_tokens(b) for b in batches) / cells
+    return sum(real_tokens(b) for b in batches) / sum(real_cells(b) for b in batches)
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -142,7 +159,7 @@ def compiled_graphs() -> int:
 
 
 def compile_note(opts: dict, graphs_before: int) -> str:
-    return f"{compiled_graphs() - graphs_before} compiled graphs" if opts["compile"] else ""
+    return f"{compiled_graphs() - graphs_before} compiled graphs" if opts["compile"] or opts["graphs"] else ""
 
 
 def mfu(flops_per_token: float, tokens_per_s: float) -> float | None:
@@ -188,7 +205,7 @@ def recipe_step(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict
     return step
 
 
-def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False,
+def ours_model(config: BertTEConfig, opts: dict, *, tokens: int, frozen: bool = False,
                te_recipe: str = "delayed") -> BertForMaskedLM:
     """Our model in a mode's form: TE layers, torchao FP8 training (not for a frozen teacher; TE's FP8 comes from
     the autocast) and compile as asked."""
@@ -198,12 +215,14 @@ def ours_model(config: BertTEConfig, opts: dict, *, frozen: bool = False,
         config.use_te_layers = True
     model = BertForMaskedLM(config)
     if not frozen and opts["fp8"] == "torchao":
-        apply_float8(model)
+        apply_float8(model, tokens=tokens, scaling=opts.get("scaling", "tensorwise"))
     elif opts["fp8"] == "te":
         # TE layers run FP8 under the autocast, frozen or not.
         align_packed_tokens(model, fp8_alignment("te", te_recipe))
     model.to(GPU)
-    if opts["compile"]:
+    if opts["graphs"]:
+        capture_cuda_graphs(model)
+    elif opts["compile"]:
         compile_layers(model.bert.encoder.layer)
     return model
 
@@ -214,14 +233,19 @@ def mode_autocast(opts: dict, recipe: str) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------------- parts
-def _mode(packed: bool, compile: bool = False, fp8: str | None = None, te: bool = False) -> dict:
-    return dict(packed=packed, compile=compile, fp8=fp8, te=te)
+def _mode(packed: bool, compile: bool = False, fp8: str | None = None, te: bool = False, graphs: bool = False,
+          scaling: str = "tensorwise") -> dict:
+    return dict(packed=packed, compile=compile, fp8=fp8, te=te, graphs=graphs, scaling=scaling)
 
 
 OUR_MODES = {"bf16": _mode(packed=False),
              "bf16 +packing": _mode(packed=True),
              "bf16 +packing +compile": _mode(packed=True, compile=True),
+             # training.cuda_graphs: static shapes, the whole model compiled with mode=reduce-overhead
+             "bf16 +packing +graphs": _mode(packed=True, graphs=True),
              "fp8 +packing +compile": _mode(packed=True, compile=True, fp8="torchao"),
+             "fp8 rowwise +packing +compile": _mode(packed=True, compile=True, fp8="torchao", scaling="rowwise"),
+             "fp8 +packing +graphs": _mode(packed=True, graphs=True, fp8="torchao"),
              "te bf16 +packing": _mode(packed=True, te=True),
              "te fp8 +packing": _mode(packed=True, fp8="te", te=True)}
 TE_AVAILABLE = importlib.util.find_spec("transformer_engine") is not None
@@ -258,8 +282,8 @@ def baseline_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConf
 
 def ours_pretrain(cells: Cells, args: argparse.Namespace, config: BertTEConfig, part: str, mode: str) -> Result:
     opts = OUR_MODES[mode]
-    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    model = ours_model(config, opts, te_recipe=args.te_recipe)
+    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"], static=opts["graphs"])
+    model = ours_model(config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
     opt = build_optimizer(model, TrainingConfig(), GPU)
     graphs_before = compiled_graphs()
     step = recipe_step(model, masked_lm_loss, opt, mode_autocast(opts, args.te_recipe))
@@ -300,11 +324,13 @@ def naive_distill_step(student: transformers.BertForMaskedLM, teacher: transform
 def teacher_forward_time(loss_fn: DistillationLoss, batches: list[dict], steps: int, autocast: Callable) -> float:
     """Seconds per teacher forward (as the distillation loss runs it, in the step's autocast) on the same batches."""
     for batch in batches[:3]:
+        mark_graph_step()
         with autocast():
             loss_fn.teacher_outputs(move_batch(batch, GPU))
     synchronize()
     start = time.perf_counter()
     for i in range(steps):
+        mark_graph_step()
         with autocast():
             loss_fn.teacher_outputs(move_batch(batches[i % len(batches)], GPU))
     synchronize()
@@ -334,10 +360,10 @@ def baseline_distill(cells: Cells, args: argparse.Namespace, t_config: BertTECon
 def ours_distill(cells: Cells, args: argparse.Namespace, t_config: BertTEConfig, s_config: BertTEConfig,
                  mode: str) -> Result:
     opts = OUR_MODES[mode]
-    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"])
-    teacher = ours_model(t_config, opts, frozen=True, te_recipe=args.te_recipe)
+    batches = budget_batches(cells, args.batches, args.max_tokens, opts["packed"], static=opts["graphs"])
+    teacher = ours_model(t_config, opts, tokens=args.max_tokens, frozen=True, te_recipe=args.te_recipe)
     teacher = teacher.to(TEACHER_DTYPE).eval().requires_grad_(False)
-    student = ours_model(s_config, opts, te_recipe=args.te_recipe)
+    student = ours_model(s_config, opts, tokens=args.max_tokens, te_recipe=args.te_recipe)
     trainable = StudentWithProjections(student, t_config.hidden_size, 0)
     loss_fn = DistillationLoss(teacher, DistillConfig(), default_layer_map(s_config.num_hidden_layers,
                                t_config.num_hidden_layers), s_config.num_attention_heads)
@@ -386,6 +412,8 @@ def main() -> None:
     parser.add_argument("--parts", default="pretrain,distill,106m", help="comma list of pretrain, distill, 106m")
     parser.add_argument("--modes", default=",".join(default_modes(list(OUR_MODES))),
                         help=f"comma list of {', '.join(OUR_MODES)} (te modes need transformer_engine)")
+    parser.add_argument("--modes-106m", default="bf16 +packing,bf16 +packing +compile,fp8 +packing +compile,"
+                        "fp8 rowwise +packing +compile,te bf16 +packing,te fp8 +packing", help="modes of the 106m part")
     parser.add_argument("--te-recipe", default="delayed", choices=["delayed", "current", "mxfp8"],
                         help="training.fp8_recipe of the te fp8 modes")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
@@ -400,12 +428,14 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="check the script on a CPU: one tiny fp32 step per mode, replacing --steps, --warmup, "
-                             "--batches, --max-tokens and --baseline-batch-size (figures meaningless)")
+                             "--batches, --max-tokens, --max-length and --baseline-batch-size (figures meaningless)")
     args = parser.parse_args()
     if args.smoke_cpu:
         # Minutes on a laptop instead of hours: every mode and part still runs end to end.
         args.steps, args.warmup, args.batches, args.max_tokens, args.baseline_batch_size = 1, 1, 2, 2048, "2"
-        global GPU, BF16_AUTOCAST, TEACHER_DTYPE
+        global GPU, BF16_AUTOCAST, TEACHER_DTYPE, STATIC_MAX_CELLS
+        # The CPU's attention fills an [all cells, longest cell] grid: short cells and few static cell slots.
+        args.max_length, STATIC_MAX_CELLS = 256, 32
         GPU = torch.device("cpu")
         # fp32: CPUs without bf16 units emulate it many times slower, and the smoke checks code paths, not speed.
         BF16_AUTOCAST = functools.partial(torch.autocast, device_type="cpu", enabled=False)
@@ -414,7 +444,8 @@ def main() -> None:
         raise SystemExit("gpu_throughput.py measures GPU training; no CUDA device is visible")
     torch.backends.cuda.matmul.allow_tf32 = True
     parts, modes = args.parts.split(","), args.modes.split(",")
-    for name, given, known in (("--parts", parts, ("pretrain", "distill", "106m")), ("--modes", modes, OUR_MODES)):
+    for name, given, known in (("--parts", parts, ("pretrain", "distill", "106m")), ("--modes", modes, OUR_MODES),
+                               ("--modes-106m", args.modes_106m.split(","), OUR_MODES)):
         unknown = [item for item in given if item not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
@@ -425,15 +456,14 @@ def main() -> None:
     results: list[Result] = []
     runs = {"pretrain": lambda: pretrain_part(cells, args, "10m", modes, baseline=True),
             "distill": lambda: distill_part(cells, args, modes),
-            "106m": lambda: pretrain_part(cells, args, "106m", default_modes(
-                ["bf16 +packing", "bf16 +packing +compile", "fp8 +packing +compile", "te bf16 +packing",
-                 "te fp8 +packing"]), baseline=False)}
+            "106m": lambda: pretrain_part(cells, args, "106m", default_modes(args.modes_106m.split(",")),
+                                          baseline=False)}
     for part in parts:
         results += runs[part]()
         print_table(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(), "args": vars(args),
-                                               "results": [r.__dict__ for r in results]}, indent=2))
+        if args.json:  # after every part: a run stopped by a time limit keeps the parts it finished
+            Path(args.json).write_text(json.dumps({"environment": environment(), "args": vars(args),
+                                                   "results": [r.__dict__ for r in results]}, indent=2))
 
 
 if __name__ == "__main__":

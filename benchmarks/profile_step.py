@@ -28,7 +28,7 @@ def main() -> None:
     opts = bench.OUR_MODES[args.mode]
     cells = bench.load_cells(str(bench.ROOT / "outputs" / "builtin_corpus"), 2048)
     batches = bench.budget_batches(cells, args.warmup + args.steps, args.max_tokens, opts["packed"])
-    model = bench.ours_model(bench.model_config(args.model, 2048), opts)
+    model = bench.ours_model(bench.model_config(args.model, 2048), opts, tokens=args.max_tokens)
     step = bench.recipe_step(model, masked_lm_loss, build_optimizer(model, TrainingConfig(), bench.GPU),
                              bench.mode_autocast(opts, "delayed"))
     for batch in batches[:args.warmup]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dataset.batch import IGNORE_INDEX
+from dataset.static_shape import StaticShape, fill_to_static_shape
 from dataset.vocab import Vocabulary
-
-IGNORE_INDEX = -100
 
 
 class MLMCollator:
@@ -20,6 +20,7 @@ class MLMCollator:
     Padded output: input_ids / attention_mask / labels [B, S], S rounded up to `pad_to_multiple_of`.
     Packed output (`packed=True`): [1, T] with no padding, `cu_seqlens` (int32 [B+1]), `max_seqlen` and
     `masked_positions` (the flat indices of the labelled tokens, found here so the GPU need not be asked).
+    Packed with a `static_shape`: the same shapes every batch (see dataset.static_shape), for CUDA graphs.
     """
 
     def __init__(
@@ -29,16 +30,20 @@ class MLMCollator:
         mask_prob: float = 0.15,
         pad_to_multiple_of: int = 8,
         packed: bool = False,
+        static_shape: StaticShape | None = None,
         seed: int = 0,
     ) -> None:
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}; Geneformer uses 0.15")
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if static_shape is not None and not packed:
+            raise ValueError("static shapes are for packed batches; set data.packed=true with training.cuda_graphs")
         self.vocab = vocab
         self.mask_prob = mask_prob
         self.pad_to_multiple_of = pad_to_multiple_of
         self.packed = packed
+        self.static_shape = static_shape
         self.seed = int(seed)
         self.special_ids = np.array(vocab.special_ids, dtype=np.int64)
         self.first_gene_id = vocab.first_gene_id
@@ -55,6 +60,8 @@ class MLMCollator:
         lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
         flat = np.concatenate(cells).astype(np.int64, copy=False)
         input_ids, labels = self._mask(flat, lengths, self.rng(epoch, batch_index, rank))
+        if self.static_shape is not None:
+            return fill_to_static_shape(input_ids, labels, lengths, self.static_shape, self.vocab.pad_id)
         if self.packed:
             return self._packed(input_ids, labels, lengths)
         return self._padded(input_ids, labels, lengths)

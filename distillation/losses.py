@@ -9,11 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) on temperature-softened distributions, summed over rows ([M, V] logits)."""
+def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(teacher || student) on temperature-softened distributions, summed over rows ([M, V] logits);
+    with `rows` ([M] bool), over those rows only (static-shape batches pad their masked rows)."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    if rows is None:
+        kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    else:
+        per_row = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+        kl = torch.where(rows, per_row, 0).sum()
     return kl * temperature**2
 
 

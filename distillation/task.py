@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataset.batch import labelled_rows, model_inputs
 from distillation.losses import hidden_mse_mean, kd_kl_sum, relation_kl_mean, token_mask
 from modeling_bert_te import BertForMaskedLM
 from training.config import DistillConfig
-from training.masked_lm_metrics import masked_lm_metrics, packed_kwargs
+from training.masked_lm_metrics import masked_lm_metrics
 from training.parallelize import unwrap
 
 
@@ -61,14 +62,10 @@ class DistillationLoss:
         self.teacher_layers = [t for _, t in layer_map] if cfg.hidden_weight > 0 else []
         self.relation_heads = cfg.relation_heads or n_student_heads
 
-    def _inputs(self, batch: dict) -> dict:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
-                "labels": batch["labels"], **packed_kwargs(batch)}
-
     def teacher_outputs(self, batch: dict):
         cfg = self.cfg
         with torch.inference_mode():
-            out = self.teacher(**self._inputs(batch), output_hidden_states=bool(self.teacher_layers),
+            out = self.teacher(**model_inputs(batch), output_hidden_states=bool(self.teacher_layers),
                                return_qkv_layer=cfg.relation_teacher_layer if cfg.relation_weight > 0 else None)
         # Clone out of inference mode: these tensors take part in the student's autograd graph.
         hidden = [out.hidden_states[i].float().clone() for i in self.teacher_layers]
@@ -78,10 +75,11 @@ class DistillationLoss:
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         t_logits, t_hidden, t_qkv = self.teacher_outputs(batch)
-        s_out, s_projected = model(want_hidden=self.student_layers, **self._inputs(batch),
+        s_out, s_projected = model(want_hidden=self.student_layers, **model_inputs(batch),
                                    return_qkv_layer=cfg.relation_student_layer if cfg.relation_weight > 0 else None)
-        n_masked = s_out.masked_labels.numel()
-        terms = {"mlm": s_out.loss * n_masked, "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature)}
+        labelled = labelled_rows(s_out.masked_labels)
+        n_masked = labelled.sum()
+        terms = {"mlm": s_out.loss * n_masked, "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature, labelled)}
         mask = token_mask(batch.get("attention_mask"), batch["input_ids"].view(-1, batch["input_ids"].shape[-1]))
         if cfg.hidden_weight > 0:
             mse = sum(hidden_mse_mean(s, t, mask) for s, t in zip(s_projected, t_hidden, strict=True))

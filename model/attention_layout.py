@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.device import host_to_device
+from common.packing import filler_cell_sizes
 
 
 @dataclass
@@ -37,8 +38,11 @@ def padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 def _check_cu_seqlens(cu: torch.Tensor, total: int, max_seqlen: int | None) -> None:
     """Cell boundaries checked where they live: raised now for host tensors, on the device without a wait else."""
     lengths = cu[1:] - cu[:-1]
+    nonempty = lengths > 0
+    # Empty cells may only trail the real ones: static-shape batches pad cu_seqlens to a fixed cell count so.
     checks = {f"cu_seqlens must start at 0 and end at the packed length {total}": (cu[0] == 0) & (cu[-1] == total),
-              "cu_seqlens must be strictly increasing (no empty cells)": (lengths > 0).all()}
+              "cu_seqlens must be non-decreasing, with empty cells only at the end":
+                  (lengths >= 0).all() & nonempty[0] & (nonempty[1:] <= nonempty[:-1]).all()}
     if max_seqlen is not None:
         checks[f"max_seqlen {max_seqlen} is shorter than the longest packed cell"] = lengths.max() <= max_seqlen
     for message, ok in checks.items():
@@ -69,7 +73,7 @@ def packed_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, total: int, 
     filler = -total % token_multiple
     if filler:
         # Cells of at most `longest` tokens keep max_seqlen, and so the attention kernels' shapes, unchanged.
-        sizes = [longest] * (filler // longest) + ([filler % longest] if filler % longest else [])
+        sizes = filler_cell_sizes(filler, longest)
         ends = total + torch.tensor(sizes, dtype=torch.long).cumsum(0)
         cu = torch.cat([cu, host_to_device(ends, device)])
         total += filler

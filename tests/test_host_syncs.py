@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from common.device import move_batch
+from dataset.batch import packed_kwargs
 from dataset.collator import MLMCollator
 from dataset.vocab import Vocabulary
 from distillation.losses import masked_mean
 from distillation.task import DistillationLoss, StudentWithProjections, default_layer_map
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DistillConfig
-from training.masked_lm_metrics import packed_kwargs
 
 VOCAB = Vocabulary.synthetic(64)
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

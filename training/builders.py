@@ -23,6 +23,7 @@ from dataset.corpus import CellCorpus
 from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
 from dataset.split import split_indices
+from dataset.static_shape import StaticShape
 from dataset.vocab import Vocabulary
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DataConfig, RunConfig
@@ -100,7 +101,7 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
                         world_size=ctx.world_size, pad_to_multiple_of=cfg.pad_to_multiple_of)
     train_loader = CellBatchLoader(
         corpus, TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
-        _collator(cfg, vocab, run.seed), num_workers=cfg.num_workers, rank=ctx.rank,
+        _collator(cfg, vocab, run.seed, _static_shape(run, max_length)), num_workers=cfg.num_workers, rank=ctx.rank,
         pin_memory=ctx.device.type == "cuda")
     eval_loader = CellBatchLoader(
         corpus, TokenBudgetSampler(corpus.lengths, eval_cells, seed=run.eval.seed, shuffle=False, **sampler_args),
@@ -108,9 +109,16 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
     return DataBundle(corpus, vocab, train_idx, heldout_idx, train_loader, eval_loader)
 
 
-def _collator(cfg: DataConfig, vocab: Vocabulary, seed: int) -> MLMCollator:
+def _collator(cfg: DataConfig, vocab: Vocabulary, seed: int, static_shape: StaticShape | None = None) -> MLMCollator:
     return MLMCollator(vocab, mask_prob=cfg.mask_prob, pad_to_multiple_of=cfg.pad_to_multiple_of,
-                       packed=cfg.packed, seed=seed)
+                       packed=cfg.packed, static_shape=static_shape, seed=seed)
+
+
+def _static_shape(run: RunConfig, max_length: int) -> StaticShape | None:
+    """Training batches' fixed shape under training.cuda_graphs (held-out batches are never captured)."""
+    if not run.training.cuda_graphs:
+        return None
+    return StaticShape.for_budget(run.data.max_tokens, run.data.max_cells, max_length)
 
 
 def fixed_eval_batches(data: DataBundle) -> list[dict]:

@@ -23,9 +23,14 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config '{key}': {message}")
 
 
+# What FP8 GEMM dimensions (tokens, widths) must divide by: FP8 tensor cores need 16; MXFP8 scales blocks of 32.
+FP8_ALIGNMENT = 16
+MXFP8_ALIGNMENT = 32
+
+
 def fp8_alignment(fp8: str, recipe: str) -> int:
-    """What FP8 GEMM dimensions (tokens, widths) must divide by: MXFP8 scales blocks of 32, the others need 16."""
-    return 32 if fp8 == "te" and recipe == "mxfp8" else 16
+    """The alignment FP8 GEMMs of this setting need (training.fp8, training.fp8_recipe)."""
+    return MXFP8_ALIGNMENT if fp8 == "te" and recipe == "mxfp8" else FP8_ALIGNMENT
 
 
 def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
@@ -99,8 +104,13 @@ class TrainingConfig:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
+    # Static-shape packed batches and a step replayed as CUDA graphs (torch.compile mode=reduce-overhead): for small
+    # models bound by kernel launches. Needs a CUDA GPU, data.packed=true and data.max_cells; replaces `compile`.
+    cuda_graphs: bool = False
     fp8: str = "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
     fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
+    fp8_scaling: str = "tensorwise"  # with fp8=torchao: tensorwise | rowwise
+    fp8_layers: str = "auto"  # with fp8=torchao: auto (only GEMMs large enough to gain) | all (every aligned one)
     nonfinite: str = "stop"  # stop | skip
     stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
 
@@ -115,6 +125,8 @@ class TrainingConfig:
         _one_of(self.nonfinite, "training.nonfinite", ("stop", "skip"))
         _one_of(self.fp8, "training.fp8", ("off", "torchao", "te"))
         _one_of(self.fp8_recipe, "training.fp8_recipe", ("delayed", "current", "mxfp8"))
+        _one_of(self.fp8_scaling, "training.fp8_scaling", ("tensorwise", "rowwise"))
+        _one_of(self.fp8_layers, "training.fp8_layers", ("auto", "all"))
         _require(self.num_train_steps > 0, "training.num_train_steps", "must be > 0")
         _require(self.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0")
         _require(self.lr > 0, "training.lr", "must be > 0")
@@ -240,6 +252,7 @@ class RunConfig:
                      self.finetune):
             if part is not None:
                 part.validate()
+        self._validate_cuda_graphs()
         _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
         _require(self.distill is None or self.distill.relation_weight == 0 or not self.data.packed,
                  "distill.relation_weight", "self-attention relations are per cell; set data.packed=false with them")
@@ -252,6 +265,22 @@ class RunConfig:
                  f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
                  "training.fp8=torchao, which leaves such layers in bf16")
         return self
+
+    def _validate_cuda_graphs(self) -> None:
+        """CUDA graphs replay fixed shapes on one CUDA device: refuse, naming the fix, what cannot be captured."""
+        if not self.training.cuda_graphs:
+            return
+        needs = {"data.packed": (self.data.packed, "static shapes are packed batches; set data.packed=true"),
+                 "data.max_cells": (self.data.max_cells is not None,
+                                    "the static cell count comes from it; set the most cells a micro-batch may hold"),
+                 "training.device": (self.training.device != "cpu",
+                                     "CUDA graphs need a CUDA GPU; set training.cuda_graphs=false on CPU"),
+                 "training.strategy": (self.training.strategy == "ddp",
+                                       "FSDP2's per-layer gathers cannot be captured; use training.strategy=ddp"),
+                 "training.fp8": (self.training.fp8 != "te",
+                                  "Transformer Engine layers are not captured here; use training.fp8=torchao or off")}
+        for key, (ok, fix) in needs.items():
+            _require(ok, key, f"with training.cuda_graphs=true: {fix}")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig,

@@ -1,4 +1,4 @@
-"""FP8 training: torchao float8 on plain nn.Linear layers (portable, runs on CPU too; GEMMs FP8 cannot take stay in
+"""FP8 training: torchao float8 on plain nn.Linear layers (portable, runs on CPU too; GEMMs too small to gain stay in
 bf16, logged), or Transformer Engine's FP8 autocast with a scaling recipe over TE layers. Off by default.
 """
 
@@ -15,19 +15,13 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling_bert_te import BertForMaskedLM
+from training.config import FP8_ALIGNMENT
+from training.float8_filter import fp8_layer_filter, summarize_layers
 
 if TYPE_CHECKING:
     from transformer_engine.common.recipe import Recipe
 
 log = logging.getLogger(__name__)
-FP8_ALIGNMENT = 16
-
-
-def float8_eligible(module: nn.Module, fqn: str) -> bool:
-    """Encoder linears with both dimensions divisible by 16; the embedding-tied decoder and head stay in bf16."""
-    if not isinstance(module, nn.Linear) or "encoder.layer." not in fqn:
-        return False
-    return module.in_features % FP8_ALIGNMENT == 0 and module.out_features % FP8_ALIGNMENT == 0
 
 
 def align_packed_tokens(model: nn.Module, multiple: int = FP8_ALIGNMENT) -> None:
@@ -38,30 +32,32 @@ def align_packed_tokens(model: nn.Module, multiple: int = FP8_ALIGNMENT) -> None
             module.token_multiple = multiple
 
 
-def apply_float8(model: nn.Module) -> list[str]:
-    """Swap eligible nn.Linear modules for torchao Float8Linear in place (parameter names do not change), and
-    align packed token counts for them."""
+def apply_float8(model: nn.Module, *, tokens: int, scaling: str = "tensorwise", layers: str = "auto") -> list[str]:
+    """Swap the encoder linears that gain from FP8 at `tokens` rows per micro-batch for torchao Float8Linear in
+    place (parameter names do not change), align packed token counts for them, and log which layers run in FP8."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
         raise ImportError("training.fp8=torchao needs torchao: pip install torchao") from error
+    keep = fp8_layer_filter(tokens, scaling, layers)
+    encoder = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and "encoder.layer." in fqn]
     converted: list[str] = []
-    left = [fqn for fqn, m in model.named_modules()
-            if isinstance(m, nn.Linear) and "encoder.layer." in fqn and not float8_eligible(m, fqn)]
 
-    def keep(module: nn.Module, fqn: str) -> bool:
-        eligible = float8_eligible(module, fqn)
-        if eligible:
+    def record(module: nn.Module, fqn: str) -> bool:
+        if keep(module, fqn):
             converted.append(fqn)
-        return eligible
+            return True
+        return False
 
-    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig())
+    convert_to_float8_training(model, module_filter_fn=record, config=Float8LinearConfig.from_recipe_name(scaling))
     if converted:
         align_packed_tokens(model)
-    log.info("float8: %d linear layers converted", len(converted))
+    left = [fqn for fqn in encoder if fqn not in converted]
+    log.info("float8 (%s, %d tokens per micro-batch): %d of %d encoder linears run in FP8: %s", scaling, tokens,
+             len(converted), len(encoder), summarize_layers(converted))
     if left:
-        log.info("float8: %d encoder linears left in higher precision (dimensions not multiples of %d): %s",
-                 len(left), FP8_ALIGNMENT, ", ".join(left[:8]))
+        log.info("float8: left in bf16 (GEMMs too small to gain, or dimensions not multiples of %d): %s",
+                 FP8_ALIGNMENT, summarize_layers(left))
     return converted
 
 

@@ -14,19 +14,14 @@ from torch import nn
 
 from common.collectives import all_reduce_sum
 from common.device import move_batch
+from dataset.batch import model_inputs
 
 _SUM_KEYS = ("tokens", "ce", "top1", "top5", "kl_to_ref", "agree_ref")
 
 
 def _masked_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                **packed_kwargs(batch))
+    out = model(**model_inputs(batch))
     return out.logits.float(), out.masked_labels
-
-
-def packed_kwargs(batch: dict) -> dict:
-    """Extra forward arguments of a packed (THD) batch; empty for a padded one."""
-    return {k: batch[k] for k in ("cu_seqlens", "max_seqlen", "masked_positions") if k in batch}
 
 
 def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None) -> torch.Tensor:

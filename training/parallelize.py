@@ -1,6 +1,7 @@
 """Wrap a model for data parallelism: DDP replicas or FSDP2 shards (one unit per encoder layer plus root).
 
-Activation checkpointing and per-layer torch.compile are applied here too, without renaming parameters.
+Activation checkpointing, per-layer torch.compile and CUDA graph capture are applied here too, without renaming
+parameters.
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def compile_layers(layers: Sequence[nn.Module]) -> None:
         layer.compile(dynamic=True)
 
 
+def check_cuda_graphs(device: torch.device) -> None:
+    """Refuse graph capture where there is no CUDA device to capture on (the config cannot know an 'auto' device)."""
+    if device.type != "cuda":
+        raise ValueError(f"training.cuda_graphs=true captures CUDA graphs, but this run is on {device.type}; "
+                         "set training.cuda_graphs=false (static shapes gain nothing without a GPU)")
+
+
+def capture_cuda_graphs(module: nn.Module) -> None:
+    """Compile the whole forward (and so its backward) with fixed shapes and replay it as CUDA graphs: one launch
+    per graph instead of one per kernel, for models too small to keep the GPU busy between launches."""
+    module.compile(mode="reduce-overhead", dynamic=False)
+
+
 def parallelize(
     model: nn.Module,
     layers: Sequence[nn.Module],
@@ -44,12 +58,16 @@ def parallelize(
     dtype: torch.dtype,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> nn.Module:
     """Move `model` to `device` and wrap it for the chosen strategy; returns the module to train."""
     model.to(device)
     if activation_checkpointing:
         enable_activation_checkpointing(layers)
-    if compile:
+    if cuda_graphs:
+        check_cuda_graphs(device)
+        capture_cuda_graphs(model)
+    elif compile:
         compile_layers(layers)
     if not (dist.is_available() and dist.is_initialized()):
         return model

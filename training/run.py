@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from checkpointing.checkpointer import Checkpointer, committed_checkpoints
 from checkpointing.manifest import read_manifest
 from common.collectives import barrier
+from dataset.batch import labelled_rows, model_inputs
 from dataset.vocab import Vocabulary
 from model.hf_dir import export_model_dir
 from modeling_bert_te import BertTEConfig
@@ -27,7 +28,6 @@ from training.distributed import DistributedContext
 from training.float8 import align_packed_tokens, apply_float8, nest_contexts, te_fp8_autocast
 from training.identity import identity_meta
 from training.loop import LoopParts, LoopResult, run_loop
-from training.masked_lm_metrics import packed_kwargs
 from training.metrics_log import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallelize import compute_dtype, parallelize
@@ -67,12 +67,13 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
     dtype = compute_dtype(tcfg.precision, ctx.device)
     autocast = autocast_factory(dtype, ctx.device, tcfg.strategy)
     if tcfg.fp8 == "torchao":
-        apply_float8(task.trainable)
+        apply_float8(task.trainable, tokens=run.data.max_tokens, scaling=tcfg.fp8_scaling, layers=tcfg.fp8_layers)
     elif tcfg.fp8 == "te":
         autocast = nest_contexts(autocast, te_fp8_autocast(tcfg.fp8_recipe, ctx.device))
         align_packed_tokens(task.trainable, tcfg.fp8_alignment())
     model = parallelize(task.trainable, task.layers, strategy=tcfg.strategy, device=ctx.device, dtype=dtype,
-                        activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile)
+                        activation_checkpointing=tcfg.activation_checkpointing, compile=tcfg.compile,
+                        cuda_graphs=tcfg.cuda_graphs)
     optimizer = build_optimizer(model, tcfg, ctx.device)
     output_dir = Path(run.output_dir)
     meta = {**task.meta, "model_config": task.export_config.to_dict(), "export_prefix": task.export_prefix,
@@ -132,8 +133,7 @@ def export_trained_model(model: nn.Module, task: Task, data: DataBundle, out_dir
 
 def masked_lm_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """Summed cross-entropy over the batch's masked tokens (the loop divides by the global count)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                **packed_kwargs(batch))
+    out = model(**model_inputs(batch))
     # The model already computed the mean over these tokens; the sum is that mean times their count.
-    ce = out.loss * out.masked_labels.numel()
+    ce = out.loss * labelled_rows(out.masked_labels).sum()
     return {"loss": ce, "mlm": ce.detach()}

@@ -31,6 +31,13 @@ def count_masked(micro_batches: list[dict]) -> int:
     return int(all_reduce_sum(torch.tensor([float(local)])).item())
 
 
+def mark_graph_step() -> None:
+    """Tell CUDA graph replay (training.cuda_graphs) that a new micro-batch starts: the previous one's graph outputs
+    are dead and their memory may be reused. Free, and without effect, when nothing is captured."""
+    if torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
@@ -56,6 +63,7 @@ def train_step(
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         batch = move_batch(batch, device)
+        mark_graph_step()
         last = index == len(micro_batches) - 1
         with no_gradient_sync(model, skip_sync=not last), autocast():
             terms = loss_fn(model, batch)
