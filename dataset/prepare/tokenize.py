@@ -238,35 +238,12 @@ def tokenize_counts(
         raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
     max_genes = genes_per_cell(layout, max_length)
     obs_columns = list(obs_columns)
-    clash = [c for c in obs_columns if c in RESERVED_COLUMNS]
-    if clash:
-        raise ValueError(f"--obs-columns {clash}: these names are written for every cell (tokens, length, and "
-                         f"{CELL_ID} = the row names); rename those columns in the input")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output {out_dir} exists and is not empty; choose another --out or pass --overwrite")
-    if medians is not None and compute_medians:
-        raise ValueError("pass either --medians (a table) or --compute-medians (from the input), not both")
-    if medians is None and not compute_medians:
-        raise ValueError(
-            "no gene medians: pass --vocab and --medians (e.g. Geneformer's token_dictionary and "
-            "gene_median_dictionary pickles) or --compute-medians to derive them from the input"
-        )
-    if vocab is None and not compute_medians:
-        raise ValueError("--medians needs --vocab (the token dictionary the medians belong to), "
-                         "or use --compute-medians to build both from the input")
-    if chunk_size < 1 or cells_per_shard < 1:
-        raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
+    _check_options(out_dir, obs_columns, vocab, medians, compute_medians, chunk_size, cells_per_shard, overwrite)
     settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
                 "allow_non_integer": allow_non_integer, "max_genes": max_genes}
 
     symbols = load_symbol_table(gene_names) if gene_names is not None else None
-    vocabulary = load_vocabulary(vocab) if vocab is not None else None
-    if vocabulary is not None and layout == "v2" and (vocabulary.cls_id is None or vocabulary.eos_id is None):
-        raise ValueError(f"{vocab}: layout v2 needs {CLS} and {EOS} tokens in the vocabulary (Geneformer V2 "
-                         "dictionaries have them); use --layout v1 with a V1 vocabulary")
-    if vocabulary is not None and layout == "v1" and vocabulary.cls_id is not None:
-        logger.warning("%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
-                       vocab, CLS, EOS)
+    vocabulary = _open_vocabulary(vocab, layout) if vocab is not None else None
 
     if layout == "v2" and gene_mapping is None:
         logger.warning("layout v2 without --gene-mapping: genes listed under an alternate Ensembl id are lost; "
@@ -293,6 +270,41 @@ def tokenize_counts(
     return manifest
 
 
+def _check_options(out_dir: Path, obs_columns: list[str], vocab, medians, compute_medians: bool, chunk_size: int,
+                   cells_per_shard: int, overwrite: bool) -> None:
+    """Refuse contradictory or missing options before any input is opened."""
+    clash = [c for c in obs_columns if c in RESERVED_COLUMNS]
+    if clash:
+        raise ValueError(f"--obs-columns {clash}: these names are written for every cell (tokens, length, and "
+                         f"{CELL_ID} = the row names); rename those columns in the input")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"output {out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    if medians is not None and compute_medians:
+        raise ValueError("pass either --medians (a table) or --compute-medians (from the input), not both")
+    if medians is None and not compute_medians:
+        raise ValueError(
+            "no gene medians: pass --vocab and --medians (e.g. Geneformer's token_dictionary and "
+            "gene_median_dictionary pickles) or --compute-medians to derive them from the input"
+        )
+    if vocab is None and not compute_medians:
+        raise ValueError("--medians needs --vocab (the token dictionary the medians belong to), "
+                         "or use --compute-medians to build both from the input")
+    if chunk_size < 1 or cells_per_shard < 1:
+        raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
+
+
+def _open_vocabulary(vocab: str | os.PathLike, layout: str) -> Vocabulary:
+    """The vocabulary file, refused when it lacks the special tokens the layout writes."""
+    vocabulary = load_vocabulary(vocab)
+    if layout == "v2" and (vocabulary.cls_id is None or vocabulary.eos_id is None):
+        raise ValueError(f"{vocab}: layout v2 needs {CLS} and {EOS} tokens in the vocabulary (Geneformer V2 "
+                         "dictionaries have them); use --layout v1 with a V1 vocabulary")
+    if layout == "v1" and vocabulary.cls_id is not None:
+        logger.warning("%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
+                       vocab, CLS, EOS)
+    return vocabulary
+
+
 def _map_columns(item: _Input, vocabulary: Vocabulary, median_table: dict[str, float]) -> None:
     item.column_map = build_column_map(item.ensembl_ids, vocabulary, median_table, source=str(item.source.path))
     if item.column_map.n_slots == 0:
@@ -304,17 +316,39 @@ def _map_columns(item: _Input, vocabulary: Vocabulary, median_table: dict[str, f
         )
 
 
-def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
-                  computed_medians, describe) -> dict:
+class _ShardedWriter:
+    """Appends cell tables to parquet shards of at most `cells_per_shard` cells each, listed in `shards`."""
+
+    def __init__(self, out_dir: Path, cells_per_shard: int, shards: list[dict]) -> None:
+        self.out_dir, self.cells_per_shard, self.shards = out_dir, cells_per_shard, shards
+        self.writer, self.schema, self.in_shard = None, None, 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self.writer is None:
+                self.schema = self.schema or table.schema
+                name, self.writer = _shard_writer(self.out_dir, len(self.shards), self.schema)
+                self.shards.append({"file": name, "n_cells": 0})
+            take = min(self.cells_per_shard - self.in_shard, table.num_rows - start)
+            self.writer.write_table(table.slice(start, take).cast(self.schema))
+            self.shards[-1]["n_cells"] += take
+            self.in_shard += take
+            start += take
+            if self.in_shard == self.cells_per_shard:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.in_shard = None, 0
+
+
+def _write_shards(items, tmp_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, stats) -> None:
     max_genes = settings["max_genes"]
     cls_id, eos_id = (vocabulary.cls_id, vocabulary.eos_id) if layout == "v2" else (None, None)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    stats = _Stats()
+    shards = _ShardedWriter(tmp_dir, cells_per_shard, stats.shards)
     try:
-        writer, name, in_shard, schema = None, None, 0, None
         for item in items:
             for aggregated, totals, obs in _passing_chunks(item, item.column_map, settings, stats, obs_columns):
                 encoded = encode_chunk(aggregated, totals, item.column_map, max_genes=max_genes,
@@ -325,42 +359,45 @@ def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cel
                     "input_ids": pa.ListArray.from_arrays(pa.array(encoded.offsets), pa.array(encoded.tokens)),
                     "length": pa.array(encoded.lengths, type=pa.int64()),
                 } | {c: _obs_array(obs[c]) for c in (CELL_ID, *obs_columns)}
-                table = pa.table(columns)
-                start = 0
-                while start < table.num_rows:
-                    if writer is None:
-                        schema = schema or table.schema
-                        name, writer = _shard_writer(tmp_dir, len(stats.shards), schema)
-                        stats.shards.append({"file": name, "n_cells": 0})
-                    take = min(cells_per_shard - in_shard, table.num_rows - start)
-                    writer.write_table(table.slice(start, take).cast(schema))
-                    stats.shards[-1]["n_cells"] += take
-                    in_shard += take
-                    start += take
-                    if in_shard == cells_per_shard:
-                        writer.close()
-                        writer, in_shard = None, 0
-        if writer is not None:
-            writer.close()
-        if stats.kept == 0:
-            raise ValueError(
-                f"{items[0].source.path}: no cell left to tokenize ({stats.cells_read} read, "
-                f"{stats.filtered_min_counts} below --min-counts, {stats.filtered_min_genes} below --min-genes, "
-                f"{stats.no_vocabulary_genes} without a vocabulary gene); lower the filters or check the input"
-            )
-        if stats.non_integer_cells:
-            logger.warning("%d cells hold non-integer counts (tokenized because --allow-non-integer)",
-                           stats.non_integer_cells)
-        if stats.no_vocabulary_genes:
-            logger.warning("%d cells have no vocabulary gene with a nonzero count and were left out "
-                           "(empty droplets?)", stats.no_vocabulary_genes)
-        if stats.rounded_values:
-            logger.info("%d counts in %d cells were within %g of an integer (float noise) and were rounded",
-                        stats.rounded_values, stats.rounded_cells, NEAR_INTEGER)
-        if stats.truncated:
-            logger.info("%d of %d cells had more than %d vocabulary genes and were truncated to their top %d%s",
-                        stats.truncated, stats.kept, max_genes, max_genes,
-                        " (between <cls> and <eos>)" if layout == "v2" else "")
+                shards.write(pa.table(columns))
+    finally:
+        shards.close()
+
+
+def _report(stats: _Stats, items, layout: str, max_genes: int) -> None:
+    """Refuse a run that kept no cell; log what the filters, rounding and truncation did."""
+    if stats.kept == 0:
+        raise ValueError(
+            f"{items[0].source.path}: no cell left to tokenize ({stats.cells_read} read, "
+            f"{stats.filtered_min_counts} below --min-counts, {stats.filtered_min_genes} below --min-genes, "
+            f"{stats.no_vocabulary_genes} without a vocabulary gene); lower the filters or check the input"
+        )
+    if stats.non_integer_cells:
+        logger.warning("%d cells hold non-integer counts (tokenized because --allow-non-integer)",
+                       stats.non_integer_cells)
+    if stats.no_vocabulary_genes:
+        logger.warning("%d cells have no vocabulary gene with a nonzero count and were left out "
+                       "(empty droplets?)", stats.no_vocabulary_genes)
+    if stats.rounded_values:
+        logger.info("%d counts in %d cells were within %g of an integer (float noise) and were rounded",
+                    stats.rounded_values, stats.rounded_cells, NEAR_INTEGER)
+    if stats.truncated:
+        logger.info("%d of %d cells had more than %d vocabulary genes and were truncated to their top %d%s",
+                    stats.truncated, stats.kept, max_genes, max_genes,
+                    " (between <cls> and <eos>)" if layout == "v2" else "")
+
+
+def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
+                  computed_medians, describe) -> dict:
+    """Shards, vocab.txt, medians and manifest.json in a sibling temporary folder, renamed into place when whole."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    stats = _Stats()
+    try:
+        _write_shards(items, tmp_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, stats)
+        _report(stats, items, layout, settings["max_genes"])
         vocabulary.save(tmp_dir / "vocab.txt")
         if computed_medians is not None:
             (tmp_dir / "gene_medians.tsv").write_text(
