@@ -6,8 +6,10 @@ Chunk k belongs to rank k % world_size, so any world size continues an interrupt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -27,6 +29,7 @@ from training.distributed import DistributedContext
 
 log = logging.getLogger("embed")
 DTYPES = {"float32": np.float32, "float16": np.float16}
+Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 def open_cells(args: argparse.Namespace, loaded: EmbeddingModel, ctx: DistributedContext) -> CorpusCells | CountCells:
@@ -74,7 +77,7 @@ def run_plan(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCell
 
 
 def embed_chunk(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespace, device: torch.device,
-                autocast) -> PooledCells:
+                autocast: Autocast) -> PooledCells:
     """The chunk's cells in token-budget batches of similar lengths, back in input order."""
     lengths = np.array([len(c) for c in chunk.cells])
     plan = TokenBudgetSampler(lengths, np.arange(len(lengths)), max_tokens=args.max_tokens, max_cells=None,
@@ -94,7 +97,7 @@ def embed_chunk(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespa
 
 
 def embed_or_empty(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespace, device: torch.device,
-                   autocast) -> tuple[np.ndarray, np.ndarray | None]:
+                   autocast: Autocast) -> tuple[np.ndarray, np.ndarray | None]:
     """(vectors, probabilities) of a chunk's cells; empty arrays when the tokenizer left none of them."""
     if len(chunk.rows):
         pooled = embed_chunk(loaded, chunk, args, device, autocast)
@@ -175,7 +178,7 @@ def record(args: argparse.Namespace, loaded: EmbeddingModel, store: PartStore, c
             "created_by": "embed.py"}
 
 
-def write_output(args: argparse.Namespace, loaded: EmbeddingModel, cells, store: PartStore, n_chunks: int,
+def write_output(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCells | CountCells, store: PartStore, n_chunks: int,
                  made: dict) -> Path:
     dim, n_classes = loaded.model.config.hidden_size, len(loaded.labels or ())
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -480,7 +480,7 @@ class EncodedCounts:
 class _SkippedChunks:
     """A count source whose chunks `skip(k)` arrive without counts, so none of their cells is encoded."""
 
-    def __init__(self, source: CountSource, skip) -> None:
+    def __init__(self, source: CountSource, skip: Callable[[int], bool]) -> None:
         self.source, self.skip, self.sizes = source, skip, []
 
     def __getattr__(self, name: str):
@@ -493,11 +493,12 @@ class _SkippedChunks:
 
 
 def encode_counts(
-    path: str | os.PathLike, *, vocab: Vocabulary, medians: str | os.PathLike, gene_names=None,
-    gene_mapping: str | os.PathLike | None = None, layout: str = "v1", max_length: int | None = None,
+    path: str | os.PathLike, *, vocab: Vocabulary, medians: str | os.PathLike,
+    gene_names: str | os.PathLike | None = None, gene_mapping: str | os.PathLike | None = None,
+    layout: str = "v1", max_length: int | None = None,
     obs_columns: Sequence[str] = (), layer: str | None = None, gene_column: str | None = None,
     min_counts: float = 0, min_genes: int = 0, allow_non_integer: bool = False, chunk_size: int = 1024,
-    skip_chunk=None,
+    skip_chunk: Callable[[int], bool] | None = None,
 ) -> Iterator[EncodedCounts]:
     """Every chunk of one count file (chunk k = rows [k * chunk_size, ...)) rank-value encoded in memory with the
     same filters and encoding as `tokenize_counts`; chunks `skip_chunk(k)` come back with no cells encoded.
