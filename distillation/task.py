@@ -86,8 +86,7 @@ class DistillationLoss:
             terms["hidden"] = mse / len(t_hidden) * n_masked
         if cfg.relation_weight > 0:
             terms["relation"] = relation_kl_mean(s_out.qkv, t_qkv, self.relation_heads, mask) * n_masked
-        weights = {"mlm": cfg.mlm_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight,
-                   "relation": cfg.relation_weight}
+        weights = cfg.weights()
         loss = sum(weights[name] * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 

@@ -202,13 +202,18 @@ class DistillConfig:
     relation_teacher_layer: int = -1
     student_init: str = "teacher"  # random | teacher (PCA embeddings, copy matching layers)
 
+    # The loss terms, each weighted by the field `<term>_weight` above and computed in distillation/task.py.
+    LOSS_TERMS = ("kd", "mlm", "hidden", "relation")
+
+    def weights(self) -> dict[str, float]:
+        return {term: getattr(self, f"{term}_weight") for term in self.LOSS_TERMS}
+
     def validate(self) -> None:
         _require(self.temperature > 0, "distill.temperature", "must be > 0")
         _require(self.teacher_steps > 0, "distill.teacher_steps", "must be > 0")
-        for name in ("kd_weight", "mlm_weight", "hidden_weight", "relation_weight"):
-            _require(getattr(self, name) >= 0, f"distill.{name}", "must be >= 0")
-        _require(self.kd_weight + self.mlm_weight + self.hidden_weight + self.relation_weight > 0,
-                 "distill.*_weight", "at least one loss weight must be > 0")
+        for term, weight in self.weights().items():
+            _require(weight >= 0, f"distill.{term}_weight", "must be >= 0")
+        _require(sum(self.weights().values()) > 0, "distill.*_weight", "at least one loss weight must be > 0")
         _one_of(self.student_init, "distill.student_init", ("random", "teacher"))
         _one_of(self.teacher_precision, "distill.teacher_precision", ("auto", "fp32", "bf16"))
         _require(self.relation_heads is None or self.relation_heads > 0, "distill.relation_heads", "must be > 0")

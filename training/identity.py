@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from checkpointing.run_identity import IDENTITY_KEY, RESUMABLE_KEY
+from training.config import DistillConfig
 
 if TYPE_CHECKING:
     from modeling_bert_te import BertTEConfig
@@ -23,7 +24,7 @@ MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "max_position_embeddings", "type_vocab_size", "use_te_layers")
 OPTIMIZATION = ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "warmup_steps", "lr_schedule",
                 "min_lr_ratio", "grad_clip")
-DISTILLATION = ("temperature", "kd_weight", "mlm_weight", "hidden_weight", "layer_map", "relation_weight",
+DISTILLATION = ("temperature", *(f"{term}_weight" for term in DistillConfig.LOSS_TERMS), "layer_map",
                 "relation_heads", "relation_student_layer", "relation_teacher_layer", "student_init")
 
 
