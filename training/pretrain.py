@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from training.baselines import masked_lm_baselines
 from training.builders import build_data, build_model, model_config_from_dict
 from training.config import RunConfig
 from training.distributed import DistributedContext
@@ -30,7 +31,7 @@ def pretraining_task(run: RunConfig) -> Task:
         return masked_lm_metrics({"model": unwrap(wrapped)}, batches, _device_of(wrapped))["model"]
 
     return Task(trainable=model, layers=list(model.bert.encoder.layer), loss_fn=masked_lm_loss,
-                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"})
+                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"}, baselines=masked_lm_baselines)
 
 
 def pretrain(run: RunConfig, ctx: DistributedContext) -> tuple[LoopResult, Path | None]:
