@@ -35,6 +35,7 @@ from dataset.vocab import V1_VOCAB_SIZE, Vocabulary
 log = logging.getLogger(__name__)
 
 DEFAULT_CELLS = 4000
+N_CELL_TYPES = 16
 GENERATOR_VERSION = 2  # part of the cache name: a corpus written by another generator is never reused
 MIN_LENGTH, MAX_LENGTH = 64, 2048
 MEDIAN_LENGTH, LENGTH_SIGMA = 320, 0.7  # log-normal: mean about 400 genes, a tail reaching 2,048
@@ -43,8 +44,8 @@ HOUSEKEEPING_MODULES = 3  # expressed in every cell, at levels that differ by ty
 TYPE_MODULES = 40  # each type's own program
 BACKGROUND_MODULES = 110  # shared, weakly expressed: the tail of long cells
 TOP_LEVEL, LEVEL_STEP = 4.0, 0.1  # log-expression of a type's strongest module, and the gap between modules
-STATES_PER_TYPE, STATE_MODULES, STATE_BOOST = 3, 3, 0.5  # a state raises a few modules (log-expression)
-MODULE_NOISE, GENE_NOISE = 0.05, 0.002  # per-cell log-activity noise of a module, and of each gene
+STATES_PER_TYPE, STATE_MODULES, STATE_BOOST = 3, 3, 0.15  # a state raises a few modules (log-expression)
+MODULE_NOISE, GENE_NOISE = 0.02, 0.0005  # per-cell log-activity noise of a module, and of each gene
 GENE_SPREAD = 0.03  # spread of the genes' fixed weights inside a module (log-expression)
 DROPOUT_RATE = 0.02  # share of ranks holding a gene from outside every program
 
@@ -116,7 +117,7 @@ def write_builtin_corpus(
     n_cells: int = DEFAULT_CELLS,
     seed: int = 0,
     vocab_size: int = V1_VOCAB_SIZE,
-    n_cell_types: int = 8,
+    n_cell_types: int = N_CELL_TYPES,
     n_shards: int = 4,
 ) -> Path:
     """Writes `shard-XXXXX.parquet` (input_ids list<int32>, length int32, cell_type string) and vocab.txt."""
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="number of cells")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cell-types", type=int, default=8)
+    parser.add_argument("--cell-types", type=int, default=N_CELL_TYPES)
     parser.add_argument("--shards", type=int, default=4)
     args = parser.parse_args(argv)
     out = write_builtin_corpus(args.out, n_cells=args.cells, seed=args.seed,
