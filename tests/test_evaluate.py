@@ -82,7 +82,8 @@ def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_f
     table = (out / "table.txt").read_text()
     assert table.strip() in capsys.readouterr().out
     header, *rows = table.splitlines()
-    assert header.split() == ["metric", "teacher", "student"]
+    assert header.split() == ["metric", "teacher", "student", "unigram", "rank_position", "uniform"]
+    assert 0.0 <= results["baselines"]["rank_position"]["accuracy"] <= 1.0  # trivial baselines, same masked genes
     assert [r.split()[0] for r in rows][:5] == ["accuracy", "top5_accuracy", "perplexity", "kl_to_reference",
                                                   "top1_agreement"]
     assert {"parameters", "cells_per_s", "probe_logreg_accuracy", "probe_knn_accuracy", "cka_to_first"} <= {
