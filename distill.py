@@ -21,6 +21,7 @@ from distillation.task import (
     evaluate_side_by_side,
 )
 from distillation.teacher import check_teacher, load_teacher, weights_sha256
+from training.baselines import BASELINE_NAMES, masked_lm_baselines, split_columns
 from training.builders import (
     DataBundle,
     build_data,
@@ -89,6 +90,7 @@ def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle,
         export_config=student_config, export_prefix="student.",
         meta={"task": "distillation", "teacher_dir": str(teacher_dir.resolve()),
               "teacher_sha256": weights_sha256(teacher_dir)},
+        baselines=masked_lm_baselines,
     )
 
 
@@ -100,11 +102,10 @@ def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Pa
     if not records:
         return
     last = records[-1]
-    results = {side: {k[len(side) + 1:]: v for k, v in last.items() if k.startswith(side + "_")}
-               for side in ("teacher", "student")}
+    results = split_columns(last, ("teacher", "student", *BASELINE_NAMES))
     params = {"teacher": {"parameters": sum(p.numel() for p in task.loss_fn.teacher.parameters())},
               "student": {"parameters": sum(p.numel() for p in task.trainable.student.parameters())}}
-    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for both)\n"
+    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for the models and the baselines)\n"
           + format_side_by_side(results, params))
     out = Path(run.output_dir) / "distill_eval.json"
     counts = {side: rows["parameters"] for side, rows in params.items()}

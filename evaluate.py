@@ -20,8 +20,7 @@ from torch import nn
 from common.errors import run_cli
 from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
-from dataset.loader import CellBatchLoader
-from dataset.sampler import TokenBudgetSampler
+from dataset.heldout import HeldoutBatches
 from dataset.split import split_indices
 from dataset.vocab import Vocabulary
 from evaluation.embeddings import CellEmbeddings, check_layer, extract_embeddings, write_embeddings
@@ -30,6 +29,7 @@ from evaluation.probes import probe_embeddings, stratified_split
 from evaluation.similarity import linear_cka, mean_cosine
 from model.cell_embeddings import inference_autocast
 from modeling_bert_te import BertForMaskedLM, count_parameters
+from training.baselines import baseline_columns, load_baselines
 from training.builders import resolve_data_path, resolve_vocab
 from training.config import DataConfig
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -109,11 +109,11 @@ def choose_cells(n_cells: int, args: argparse.Namespace) -> np.ndarray:
 
 def fixed_batches(corpus: CellCorpus, vocab: Vocabulary, cells: np.ndarray, args: argparse.Namespace,
                   ctx: DistributedContext) -> list[dict]:
-    """This rank's share of the cells in token-budget batches, with masks fixed by --mask-seed."""
-    sampler = TokenBudgetSampler(corpus.lengths, cells, max_tokens=args.max_tokens, max_cells=None, rank=ctx.rank,
-                                 world_size=ctx.world_size, seed=args.mask_seed, shuffle=False)
-    collator = MLMCollator(vocab, seed=args.mask_seed)
-    return list(CellBatchLoader(corpus, sampler, collator, rank=ctx.rank).epoch_batches(epoch=0))
+    """This rank's share of the cells in token-budget batches; each cell's mask is fixed by (--mask-seed, its id),
+    so the tokens scored are training's, whatever --max-tokens and the number of ranks."""
+    collate = MLMCollator(vocab, seed=args.mask_seed).fixed_masks
+    return list(HeldoutBatches(corpus, cells, collate, max_tokens=args.max_tokens, max_cells=None,
+                               pad_to_multiple_of=8, rank=ctx.rank, world_size=ctx.world_size).epoch_batches())
 
 
 def open_corpus(path: Path, args: argparse.Namespace, max_length: int, vocab_size: int,
@@ -174,6 +174,8 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
 
     with autocast():
         mlm = masked_lm_metrics(models, batches, ctx.device)
+    train_cells = split_indices(len(corpus), args.heldout_fraction, args.seed)[0]
+    baselines = baseline_columns(load_baselines(corpus, train_cells, vocab.special_ids, ctx.is_main), batches)
     embeddings = {}
     for name, model in models.items():
         local = extract_embeddings(model, batches, layer=args.layer, special_ids=vocab.special_ids,
@@ -204,13 +206,14 @@ def evaluate(args: argparse.Namespace, ctx: DistributedContext) -> dict | None:
         if name != names[0]:
             extra[name]["cka_to_first"] = linear_cka(embeddings[names[0]].vectors, embeddings[name].vectors)
             extra[name]["cosine_to_first"] = mean_cosine(embeddings[names[0]].vectors, embeddings[name].vectors)
-    table = format_side_by_side({name: _table_rows(mlm[name], extra[name]) for name in names})
+    table = format_side_by_side({**{name: _table_rows(mlm[name], extra[name]) for name in names}, **baselines})
     print(table, flush=True)
     (out / "table.txt").write_text(table + "\n")
     results = {
         "models": {name: {"dir": str(args.models[i]), **mlm[name], **extra[name], **files[name]}
                    for i, name in enumerate(names)},
         "reference": names[0],
+        "baselines": baselines,  # counted from training's split of the corpus, scored on the same masked tokens
         "data": str(data_path), "split": args.split, "cells": len(index), "layer": args.layer,
         "label_column": label_column, "probe_skipped": probes.get("skipped"),
         "world_size": ctx.world_size, "args": vars(args),

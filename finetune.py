@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from finetuning.data import build_classification_data
 from finetuning.export import export_classifier_dir
-from finetuning.task import classification_loss, classification_metrics
+from finetuning.task import classification_loss, classification_metrics, majority_class_accuracy
 from model.classifier import BertForCellClassification
 from modeling_bert_te import BertTEConfig
 from training.config import RunConfig
@@ -82,6 +82,7 @@ def finetune(run: RunConfig, ctx: DistributedContext) -> None:
         evaluate=lambda wrapped, batches: classification_metrics(wrapped, batches, n_labels, ctx.device),
         export_config=model.config, export=export_classifier_dir,
         meta={"task": "classification", "model_dir": str(model_dir.resolve()), "labels": labels.names},
+        baselines=lambda data, batches, is_main: majority_class_accuracy(labels.ids[data.train_idx], batches),
     )
     result, _ = run_training(run, ctx, data, task, name="finetune")
     if not result.preempted and ctx.is_main:
@@ -96,7 +97,8 @@ def write_report(output_dir: Path) -> None:
         (output_dir / "finetune_eval.json").write_text(json.dumps(evals[-1], indent=2) + "\n")
         last = evals[-1]
         print(f"held-out cells at step {last['step']}: accuracy {last['accuracy']:.4f}, "
-              f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells)")
+              f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells); always the most common training "
+              f"class: accuracy {last['majority_class_accuracy']:.4f}")
 
 
 @recipe_main(config_path="hydra_config/finetune", config_name="l0_sanity")

@@ -53,12 +53,12 @@ def gpu_pieces() -> list[Piece]:
         Piece("fp8_layers_4b", [py, "-m", "benchmarks.fp8_layers", "--model", "4b", "--layers", "4", "--variants",
                                 "fp8 tensorwise auto,fp8 rowwise auto"], 80, "fp8_layers_4b.json"),
         # With what is left: a 10m teacher, then a 4m student distilled and trained by masked-LM alone.
-        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--teacher-model", "10m", "--student", "4m",
+        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--teacher-model", "10m", "--students", "4m", "--no-ablation",
                              "--teacher-steps", "1500", "--steps", "600", "--max-tokens", "32768", "--max-length",
                              "2048", "--eval-cells", "256", "--lr", "1e-3", "--override", "data.packed=true"],
               240, min_left_s=150),
         *(Piece(f"quality_{student}", [py, "-m", "benchmarks.distill_quality", "--teacher", QUALITY_TEACHER,
-                                       "--student", student, "--steps", "600", "--max-tokens", "32768",
+                                       "--students", student, "--no-ablation", "--steps", "600", "--max-tokens", "32768",
                                        "--max-length", "2048", "--eval-cells", "256", "--lr", "1e-3",
                                        "--override", "data.packed=true"], 100, min_left_s=80,
                 needs=QUALITY_TEACHER)
@@ -81,10 +81,11 @@ def smoke_pieces() -> list[Piece]:
         # Tiny widths gain nothing from FP8: `all` runs the FP8 layers anyway.
         Piece("fp8_layers_4b", [py, "-m", "benchmarks.fp8_layers", "--model", "4b", *smoke, "--variants",
                                 "fp8 tensorwise auto,fp8 rowwise all"], 300, "fp8_layers_4b.json"),
-        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--student", "micro", "--steps", "2",
+        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--teacher-model", "tiny", "--teacher-steps", "2",
+                             "--students", "micro", "--no-ablation", "--steps", "2",
                              "--max-tokens", "512", "--max-length", "64", "--eval-cells", "8"], 600, min_left_s=60),
-        Piece("quality_3m", [py, "-m", "benchmarks.distill_quality", "--teacher", QUALITY_TEACHER, "--student",
-                             "micro", "--steps", "2", "--max-tokens", "512", "--max-length", "64", "--eval-cells",
+        Piece("quality_3m", [py, "-m", "benchmarks.distill_quality", "--teacher", QUALITY_TEACHER, "--students",
+                             "micro", "--no-ablation", "--steps", "2", "--max-tokens", "512", "--max-length", "64", "--eval-cells",
                              "8"], 600, min_left_s=60, needs=QUALITY_TEACHER),
     ]
 

@@ -65,10 +65,10 @@ def batches(cells: list[np.ndarray], collator: MLMCollator, max_tokens: int) -> 
     for i in order:
         longest = max([len(cells[j]) for j in current] + [len(cells[i])])
         if current and longest * (len(current) + 1) > max_tokens:
-            out.append(collator.fixed_masks([cells[j] for j in current], batch_index=len(out)))
+            out.append(collator.fixed_masks([cells[j] for j in current], current))
             current = []
         current.append(i)
-    out.append(collator.fixed_masks([cells[j] for j in current], batch_index=len(out)))
+    out.append(collator.fixed_masks([cells[j] for j in current], current))
     return out
 
 

@@ -1,6 +1,20 @@
 """Synthetic Genecorpus-like corpus: the embedded default for the quick start, tests and benchmarks.
 
-Cells of a few types, each with its own ranked gene program plus noise, so masked-LM is learnable.
+Cells are rank-value encoded expression profiles drawn from cell types, cell states and co-expressed modules.
+
+How a cell is made, and why:
+- Genes come in co-expressed modules of MODULE_SIZE genes, each gene with a fixed weight in its module. A
+  few housekeeping modules are expressed in every cell, each cell type has its own modules (its program),
+  and a large pool of weakly expressed background modules fills the long tail of long cells.
+- A cell has a type and one of its type's states; a state switches a few of the type's modules up. Each
+  module's activity in a cell is its type's level, times the state's boost, times a per-cell factor shared
+  by all its genes (co-expression); each gene adds its own small noise. Genes are ranked by expression and
+  the cell keeps its top `length` genes (log-normal lengths: a few hundred on average, up to 2,048).
+- A few ranks hold a gene from outside every program (dropout / rare expression).
+So, as in real cells, a gene's rank alone says little (the types put different genes at the same rank, and
+states and per-cell module activities move modules up and down), while the other genes of a cell tell its
+type, state and modules, and with them the masked gene: masked-LM is learnable far beyond frequency baselines.
+The noise is small enough that a tiny model learns this in a few hundred steps (the CPU quick start).
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ import fcntl
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +36,79 @@ from dataset.vocab import V1_VOCAB_SIZE, Vocabulary
 log = logging.getLogger(__name__)
 
 DEFAULT_CELLS = 4000
-MIN_LENGTH, MAX_LENGTH = 32, 2048
-MEDIAN_LENGTH, LENGTH_SIGMA = 300, 0.75  # log-normal: mean about 400 tokens, a tail reaching 2048
-N_MARKERS = 300  # type-specific genes promoted into each program's top ranks
+N_CELL_TYPES = 16
+GENERATOR_VERSION = 2  # part of the cache name: a corpus written by another generator is never reused
+MIN_LENGTH, MAX_LENGTH = 64, 2048
+MEDIAN_LENGTH, LENGTH_SIGMA = 320, 0.7  # log-normal: mean about 400 genes, a tail reaching 2,048
+MODULE_SIZE = 16
+HOUSEKEEPING_MODULES = 3  # expressed in every cell, at levels that differ by type
+TYPE_MODULES = 40  # each type's own program
+BACKGROUND_MODULES = 110  # shared, weakly expressed: the tail of long cells
+TOP_LEVEL, LEVEL_STEP = 4.0, 0.1  # log-expression of a type's strongest module, and the gap between modules
+STATES_PER_TYPE, STATE_MODULES, STATE_BOOST = 3, 3, 0.15  # a state raises a few modules (log-expression)
+MODULE_NOISE, GENE_NOISE = 0.02, 0.0005  # per-cell log-activity noise of a module, and of each gene
+GENE_SPREAD = 0.03  # spread of the genes' fixed weights inside a module (log-expression)
+DROPOUT_RATE = 0.02  # share of ranks holding a gene from outside every program
 
 
-def _programs(rng: np.random.Generator, n_types: int, first_gene: int, vocab_size: int) -> np.ndarray:
-    """[n_types, n_genes] gene rankings: a shared base ranking (housekeeping genes on top) into which each
-    type promotes its own marker genes, like real cell types sharing most of their expressed genes."""
-    n_genes = vocab_size - first_gene
-    base = first_gene + rng.permutation(n_genes)
-    programs = np.empty((n_types, n_genes), dtype=np.int64)
+@dataclass
+class _Programs:
+    """Per cell type: the genes it can express ([n_types, G]), their base log-expression and module index."""
+
+    genes: np.ndarray
+    base: np.ndarray
+    module: np.ndarray  # [n_types, G] module id of each column (shared ids for shared modules)
+    state_boost: np.ndarray  # [n_types, n_states, G]
+    outside: np.ndarray  # gene ids in no program (dropout genes)
+
+
+def _programs(rng: np.random.Generator, n_types: int, first_gene: int, vocab_size: int) -> _Programs:
+    n_modules = HOUSEKEEPING_MODULES + n_types * TYPE_MODULES + BACKGROUND_MODULES
+    genes = first_gene + rng.permutation(vocab_size - first_gene)
+    module_genes = genes[: n_modules * MODULE_SIZE].reshape(n_modules, MODULE_SIZE)
+    gene_weight = -GENE_SPREAD * np.sort(rng.random((n_modules, MODULE_SIZE)), axis=1)
+    housekeeping = np.arange(HOUSEKEEPING_MODULES)
+    background = HOUSEKEEPING_MODULES + n_types * TYPE_MODULES + np.arange(BACKGROUND_MODULES)
+    level_bg = TOP_LEVEL - LEVEL_STEP * (HOUSEKEEPING_MODULES + TYPE_MODULES) - 1.0 + rng.normal(0.0, 0.3, BACKGROUND_MODULES)
+    rows = []
     for t in range(n_types):
-        marker_pos = 200 + rng.choice(n_genes - 200, size=N_MARKERS, replace=False)
-        markers = base[marker_pos]
-        rest = np.delete(base, marker_pos)
-        # Markers land at random ranks among the first ~1000, keeping their relative order.
-        slots = np.sort(rng.choice(1000, size=N_MARKERS, replace=False))
-        program = np.insert(rest, slots - np.arange(N_MARKERS), markers)
-        programs[t] = program
-    return programs
+        own = HOUSEKEEPING_MODULES + t * TYPE_MODULES + np.arange(TYPE_MODULES)
+        # The type's own and housekeeping modules, strongly to weakly expressed in an order of the type's own.
+        levels = TOP_LEVEL - LEVEL_STEP * rng.permutation(HOUSEKEEPING_MODULES + TYPE_MODULES)
+        level_hk, level_own = levels[:HOUSEKEEPING_MODULES], levels[HOUSEKEEPING_MODULES:]
+        mods = np.concatenate([housekeeping, own, background])
+        levels = np.concatenate([level_hk, level_own, level_bg])
+        boost = np.zeros((STATES_PER_TYPE, len(mods)))
+        for s in range(STATES_PER_TYPE):
+            up = HOUSEKEEPING_MODULES + rng.choice(TYPE_MODULES, size=STATE_MODULES, replace=False)
+            boost[s, up] = STATE_BOOST
+        rows.append((mods, levels, boost))
+    mods = np.stack([r[0] for r in rows])
+    expand = lambda a: np.repeat(a, MODULE_SIZE, axis=-1)  # noqa: E731  module -> its genes' columns
+    return _Programs(
+        genes=module_genes[mods].reshape(n_types, -1),
+        base=(expand(np.stack([r[1] for r in rows])) + gene_weight[mods].reshape(n_types, -1)).astype(np.float32),
+        module=expand(mods),
+        state_boost=expand(np.stack([r[2] for r in rows])).astype(np.float32),
+        outside=genes[n_modules * MODULE_SIZE:],
+    )
 
 
-def _cells(rng: np.random.Generator, programs: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat token ids of cells: each type's ranking, locally reshuffled, with a few genes swapped in."""
-    total = int(lengths.sum())
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
-    slot = np.arange(total, dtype=np.int32) - np.repeat(starts, lengths)
-    cell_len = np.repeat(lengths.astype(np.int32), lengths)
-    type_of = np.repeat(types, lengths)
-    # Rank noise: swap disjoint pairs of slots (distance 1, 2, 4, 8, 16) with probability 1/2 each,
-    # so a gene drifts a few ranks from its program position, as expression noise does.
-    coin = rng.integers(0, 256, size=total, dtype=np.uint8)  # one random bit per round, drawn at once
-    rank = slot.copy()
-    for k, d in enumerate((1, 2, 4, 8, 16)):
-        src = np.flatnonzero(((slot & d) == 0) & (slot + d < cell_len) & ((coin >> k) & 1).astype(bool))
-        rank[src], rank[src + d] = rank[src + d], rank[src].copy()
-    tokens = programs[type_of, rank]
-    # About 5% of ranks hold a gene from deep in the type's ranking (dropout / rare expression).
-    noisy = np.flatnonzero(rng.integers(0, 256, size=total, dtype=np.uint8) < 13)
-    deep = MAX_LENGTH + rng.integers(0, programs.shape[1] - MAX_LENGTH, size=len(noisy))
-    tokens[noisy] = programs[type_of[noisy], deep]
+def _cells(rng: np.random.Generator, programs: _Programs, types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat token ids of cells: each cell's genes ranked by its sampled expression, top `length` kept."""
+    n_cells, width = len(types), programs.genes.shape[1]
+    n_modules = int(programs.module.max()) + 1
+    states = rng.integers(0, STATES_PER_TYPE, size=n_cells)
+    module_factor = rng.normal(0.0, MODULE_NOISE, size=(n_cells, n_modules)).astype(np.float32)
+    expression = (programs.base[types] + programs.state_boost[types, states]
+                  + np.take_along_axis(module_factor, programs.module[types], axis=1)
+                  + rng.normal(0.0, GENE_NOISE, size=(n_cells, width)).astype(np.float32))
+    order = np.argsort(-expression, axis=1, kind="stable")
+    ranked = np.take_along_axis(programs.genes[types], order, axis=1)
+    keep = np.arange(width)[None, :] < lengths[:, None]
+    tokens = ranked[keep]
+    dropout = np.flatnonzero(rng.random(len(tokens)) < DROPOUT_RATE)
+    tokens[dropout] = rng.choice(programs.outside, size=len(dropout))
     return tokens
 
 
@@ -71,19 +118,20 @@ def write_builtin_corpus(
     n_cells: int = DEFAULT_CELLS,
     seed: int = 0,
     vocab_size: int = V1_VOCAB_SIZE,
-    n_cell_types: int = 8,
+    n_cell_types: int = N_CELL_TYPES,
     n_shards: int = 4,
 ) -> Path:
     """Writes `shard-XXXXX.parquet` (input_ids list<int32>, length int32, cell_type string) and vocab.txt."""
     if n_cells < 1 or n_cell_types < 1 or n_shards < 1:
         raise ValueError(f"n_cells, n_cell_types, n_shards must be >= 1 (got {n_cells}, {n_cell_types}, {n_shards})")
     vocab = Vocabulary.synthetic(vocab_size)
-    if vocab_size - vocab.first_gene_id < MAX_LENGTH + 1000:
-        raise ValueError(f"vocab_size={vocab_size} is too small for {MAX_LENGTH}-gene cells; use >= {MAX_LENGTH + 1002}")
+    n_program_genes = (HOUSEKEEPING_MODULES + n_cell_types * TYPE_MODULES + BACKGROUND_MODULES) * MODULE_SIZE
+    if vocab_size - vocab.first_gene_id < n_program_genes + 1000:
+        raise ValueError(f"vocab_size={vocab_size} is too small for {n_cell_types} cell types; "
+                         f"use >= {n_program_genes + 1000 + vocab.first_gene_id} or fewer cell types")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    programs = _programs(rng, n_cell_types, vocab.first_gene_id, vocab_size)
+    programs = _programs(np.random.default_rng(seed), n_cell_types, vocab.first_gene_id, vocab_size)
     type_names = np.array([f"cell_type_{t}" for t in range(n_cell_types)])
     shard_sizes = np.diff(np.linspace(0, n_cells, n_shards + 1).astype(np.int64))
     for s, size in enumerate(shard_sizes):
@@ -91,7 +139,8 @@ def write_builtin_corpus(
         lengths = np.clip(np.round(shard_rng.lognormal(np.log(MEDIAN_LENGTH), LENGTH_SIGMA, size)),
                           MIN_LENGTH, MAX_LENGTH).astype(np.int32)
         types = shard_rng.integers(0, n_cell_types, size=size)
-        tokens = _cells(shard_rng, programs, types, lengths).astype(np.int32)
+        tokens = np.concatenate([_cells(shard_rng, programs, types[a:a + 256], lengths[a:a + 256])
+                                 for a in range(0, size, 256)] or [np.zeros(0, np.int64)]).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         table = pa.table({
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
@@ -101,12 +150,10 @@ def write_builtin_corpus(
         pq.write_table(table, out / f"shard-{s:05d}.parquet", row_group_size=16_384)
     vocab.save(out / "vocab.txt")
     return out
-
-
 def ensure_builtin_corpus(cache_dir: str | os.PathLike, *, n_cells: int = DEFAULT_CELLS, seed: int = 0, **kwargs) -> Path:
     """The built-in corpus under cache_dir (named by its size and seed), written once, atomically."""
     cache = Path(cache_dir)
-    out = cache / f"builtin_corpus-{n_cells}cells-seed{seed}"
+    out = cache / f"builtin_corpus-v{GENERATOR_VERSION}-{n_cells}cells-seed{seed}"
     if (out / "vocab.txt").exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
@@ -130,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="number of cells")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cell-types", type=int, default=8)
+    parser.add_argument("--cell-types", type=int, default=N_CELL_TYPES)
     parser.add_argument("--shards", type=int, default=4)
     args = parser.parse_args(argv)
     out = write_builtin_corpus(args.out, n_cells=args.cells, seed=args.seed,

@@ -1,6 +1,7 @@
 """Masked-LM collator: pads (or packs) cells into tensors and masks 15% of gene tokens, BERT-style.
 
-Its randomness is a pure function of (seed, epoch, batch_index, rank), so a resumed run masks identically.
+Training masks are a pure function of (seed, epoch, batch_index, rank), so a resumed run masks identically;
+held-out masks (`fixed_masks`) of (seed, cell id), so every batching and world size scores the same tokens.
 """
 
 from __future__ import annotations
@@ -66,10 +67,21 @@ class MLMCollator:
             return self._packed(input_ids, labels, lengths)
         return self._padded(input_ids, labels, lengths)
 
-    def fixed_masks(self, cells: list[np.ndarray], *, batch_index: int, rank: int = 0,
-                    epoch: int = 0) -> dict[str, torch.Tensor | int]:
-        """The same masks every call: for held-out evaluation that compares checkpoints on equal terms."""
-        return self(cells, epoch=epoch, batch_index=batch_index, rank=rank)
+    def fixed_masks(self, cells: list[np.ndarray], cell_ids: np.ndarray | list[int]) -> dict[str, torch.Tensor | int]:
+        """Held-out masks: each cell's mask is a pure function of (seed, its corpus id), so any batching,
+        world size or tool scores exactly the same tokens."""
+        if len(cells) != len(cell_ids):
+            raise ValueError(f"fixed_masks got {len(cells)} cells but {len(cell_ids)} cell ids")
+        if not cells:
+            raise ValueError("MLMCollator got an empty list of cells")
+        lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+        masked = [self._mask(np.asarray(c, dtype=np.int64), lengths[i:i + 1],
+                             np.random.default_rng([self.seed, int(cell_id)]))
+                  for i, (c, cell_id) in enumerate(zip(cells, cell_ids, strict=True))]
+        input_ids, labels = (np.concatenate(parts) for parts in zip(*masked, strict=True))
+        if self.packed:
+            return self._packed(input_ids, labels, lengths)
+        return self._padded(input_ids, labels, lengths)
 
     def _mask(self, flat: np.ndarray, lengths: np.ndarray, rng: np.random.Generator):
         cell_of = np.repeat(np.arange(len(lengths)), lengths)

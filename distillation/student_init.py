@@ -48,7 +48,8 @@ def init_student_from_teacher(student: BertForMaskedLM, teacher: BertForMaskedLM
         target = getattr(s_emb, name).weight
         rows = min(source.shape[0], target.shape[0])
         projected = source[:rows] if basis is None else (source[:rows] - mean) @ basis
-        target[:rows] = projected[:, :s_width]
+        width = min(s_width, projected.shape[1])  # a wider student keeps its own init in the extra columns
+        target[:rows, :width] = projected[:, :width]
     student.cls.predictions.bias.copy_(teacher.cls.predictions.bias.float())
     copied = _copy_layers(student, teacher, layer_map)
     student.tie_weights()

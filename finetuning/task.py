@@ -59,3 +59,17 @@ def classification_metrics(model: nn.Module, batches: list[dict], num_labels: in
     ce = float(all_reduce_sum(ce_sum).item())
     scores = scores_from_confusion(confusion.numpy().astype(np.int64))
     return {"loss": ce / max(scores["cells"], 1.0), **scores}
+
+
+def majority_class_accuracy(train_labels: np.ndarray, batches: list[dict]) -> dict[str, float]:
+    """The trivial baseline of the eval record: accuracy of always predicting the training cells' most common class."""
+    labelled = train_labels[train_labels >= 0]
+    if len(labelled) == 0:
+        raise ValueError("no labelled training cells; check finetune.label_column and data.heldout_fraction")
+    majority = int(np.bincount(labelled).argmax())
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        labels = batch["labels"]
+        counts += torch.tensor([float((labels == majority).sum()), float((labels >= 0).sum())], dtype=torch.float64)
+    hits, cells = all_reduce_sum(counts).tolist()
+    return {"majority_class_accuracy": hits / max(cells, 1.0)}

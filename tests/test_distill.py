@@ -47,6 +47,8 @@ def test_distils_with_every_loss_term_and_exports_a_plain_student(teacher_dir, t
     assert {"teacher_accuracy", "student_accuracy", "student_kl_to_reference", "student_top1_agreement"} <= set(final)
     report = json.loads((out / "distill_eval.json").read_text())
     assert report["parameters"]["student"] < report["parameters"]["teacher"]
+    assert set(report["results"]) == {"teacher", "student", "unigram", "rank_position", "uniform"}
+    assert report["results"]["rank_position"]["accuracy"] == final["rank_position_accuracy"]
     transformers = pytest.importorskip("transformers")
     student = transformers.BertForMaskedLM.from_pretrained(out / "final_model")
     assert student.config.hidden_size == 24  # the micro student, without the projections

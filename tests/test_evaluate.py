@@ -41,7 +41,7 @@ def _save_tiny(path, vocab: Vocabulary, hidden: int, seed: int):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A 300-cell built-in corpus (8 cell types), a 'teacher' (hidden 32) and a 'student' (hidden 16)."""
+    """A 300-cell built-in corpus (16 cell types), a 'teacher' (hidden 32) and a 'student' (hidden 16)."""
     root = tmp_path_factory.mktemp("evaluate")
     corpus = write_builtin_corpus(root / "corpus", n_cells=300, n_shards=1)
     vocab = Vocabulary.load(corpus / "vocab.txt")
@@ -82,7 +82,8 @@ def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_f
     table = (out / "table.txt").read_text()
     assert table.strip() in capsys.readouterr().out
     header, *rows = table.splitlines()
-    assert header.split() == ["metric", "teacher", "student"]
+    assert header.split() == ["metric", "teacher", "student", "unigram", "rank_position", "uniform"]
+    assert 0.0 <= results["baselines"]["rank_position"]["accuracy"] <= 1.0  # trivial baselines, same masked genes
     assert [r.split()[0] for r in rows][:5] == ["accuracy", "top5_accuracy", "perplexity", "kl_to_reference",
                                                   "top1_agreement"]
     assert {"parameters", "cells_per_s", "probe_logreg_accuracy", "probe_knn_accuracy", "cka_to_first"} <= {
@@ -125,9 +126,9 @@ def test_builtin_corpus_is_the_default_data(workspace, tmp_path):
     results = evaluate.main([str(workspace["teacher"]), "--builtin-dir", str(tmp_path / "builtin"),
                              "--builtin-cells", "300", "--out", str(tmp_path / "out"),
                              "--cache-dir", str(workspace["cache"]), *FAST])
-    assert "builtin_corpus-300cells" in results["data"]
+    assert "-300cells-seed0" in results["data"]
     assert results["cells"] == 6  # 2% of 300 held out, as in training
-    assert results["probe_skipped"]  # six cells of eight types are too few for a stratified probe
+    assert results["probe_skipped"]  # six cells of 16 types are too few for a stratified probe
 
 
 def test_user_errors_name_the_fix(workspace, tmp_path):

@@ -37,6 +37,8 @@ def test_two_rank_training_learns_real_cells_and_exports(tmp_path, strategy):
     assert sorted(losses) == list(range(1, 31))
     final_eval = eval_records(tmp_path / "run" / "train.jsonl")[-1]
     assert final_eval["loss"] < math.log(25426) - 1.0, final_eval
+    assert final_eval["uniform_loss"] == pytest.approx(math.log(25426))  # the baselines ride in every eval record
+    assert 0.0 <= final_eval["unigram_accuracy"] <= final_eval["rank_position_accuracy"] <= 1.0
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000030"
     assert (checkpoint / "COMMITTED.json").is_file()
     _stock_logits_match(tmp_path / "run" / "final_model")

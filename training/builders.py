@@ -20,6 +20,7 @@ from common.collectives import barrier
 from dataset.builtin_corpus import ensure_builtin_corpus
 from dataset.collator import MLMCollator
 from dataset.corpus import CellCorpus
+from dataset.heldout import HeldoutBatches
 from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
 from dataset.split import split_indices
@@ -86,7 +87,7 @@ class DataBundle:
     train_idx: np.ndarray
     heldout_idx: np.ndarray
     train_loader: CellBatchLoader
-    eval_loader: CellBatchLoader
+    eval_loader: CellBatchLoader | HeldoutBatches  # anything with epoch_batches(epoch) over held-out cells
 
 
 def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_length: int) -> DataBundle:
@@ -103,9 +104,9 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
         corpus, TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
         _collator(cfg, vocab, run.seed, _static_shape(run, max_length)), num_workers=cfg.num_workers, rank=ctx.rank,
         pin_memory=ctx.device.type == "cuda")
-    eval_loader = CellBatchLoader(
-        corpus, TokenBudgetSampler(corpus.lengths, eval_cells, seed=run.eval.seed, shuffle=False, **sampler_args),
-        _collator(cfg, vocab, run.eval.seed), num_workers=0, rank=ctx.rank)
+    eval_loader = HeldoutBatches(corpus, eval_cells, _collator(cfg, vocab, run.eval.seed).fixed_masks,
+                                 max_tokens=cfg.max_tokens, max_cells=cfg.max_cells,
+                                 pad_to_multiple_of=cfg.pad_to_multiple_of, rank=ctx.rank, world_size=ctx.world_size)
     return DataBundle(corpus, vocab, train_idx, heldout_idx, train_loader, eval_loader)
 
 

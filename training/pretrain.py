@@ -9,11 +9,13 @@ from pathlib import Path
 
 from torch import nn
 
+from training.baselines import BASELINE_NAMES, masked_lm_baselines, split_columns
 from training.builders import build_data, build_model, model_config_from_dict
 from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.loop import LoopResult
-from training.masked_lm_metrics import masked_lm_metrics
+from training.masked_lm_metrics import format_side_by_side, masked_lm_metrics
+from training.metrics_log import read_metrics
 from training.parallelize import unwrap
 from training.run import Task, masked_lm_loss, run_training
 
@@ -30,11 +32,25 @@ def pretraining_task(run: RunConfig) -> Task:
         return masked_lm_metrics({"model": unwrap(wrapped)}, batches, _device_of(wrapped))["model"]
 
     return Task(trainable=model, layers=list(model.bert.encoder.layer), loss_fn=masked_lm_loss,
-                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"})
+                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"}, baselines=masked_lm_baselines)
 
 
 def pretrain(run: RunConfig, ctx: DistributedContext) -> tuple[LoopResult, Path | None]:
     task = pretraining_task(run)
     config = task.export_config
     data = build_data(run, ctx, vocab_size=config.vocab_size, max_length=config.max_position_embeddings)
-    return run_training(run, ctx, data, task, name="train")
+    result, export_dir = run_training(run, ctx, data, task, name="train")
+    if ctx.is_main and not result.preempted:
+        print_last_eval(Path(run.output_dir) / "train.jsonl")
+    return result, export_dir
+
+
+def print_last_eval(metrics_path: Path) -> None:
+    """The run's last held-out evaluation beside the trivial baselines, as a table."""
+    records = [r for r in read_metrics(metrics_path) if r["kind"] == "eval"] if metrics_path.is_file() else []
+    if not records:
+        return
+    last = records[-1]
+    model = {k: v for k, v in last.items() if k not in ("step", "kind") and not k.startswith(BASELINE_NAMES)}
+    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for the model and the baselines)\n"
+          + format_side_by_side({"model": model, **split_columns(last, BASELINE_NAMES)}), flush=True)

@@ -53,6 +53,8 @@ class Task:
     export: Callable[[dict[str, torch.Tensor], BertTEConfig, Path, Vocabulary], Path] = field(
         default=lambda weights, config, out_dir, vocab: export_model_dir(weights, config, out_dir, vocab,
                                                                         overwrite=True))
+    # Trivial baselines recorded beside every evaluation: (data, held-out batches, is_main) -> record entries.
+    baselines: Callable[[DataBundle, list[dict], bool], dict[str, float]] | None = None
 
 
 def _flops_per_token(config: BertTEConfig, data: DataBundle) -> float:
@@ -83,6 +85,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         output_dir.mkdir(parents=True, exist_ok=True)
         data.vocab.save(output_dir / "vocab.txt")
     eval_batches = fixed_eval_batches(data)
+    baselines = task.baselines(data, eval_batches, ctx.is_main) if task.baselines is not None else {}
     logger = MetricsLogger(output_dir, run.logging, is_main=ctx.is_main, total_steps=tcfg.num_train_steps,
                            run_config=dataclasses.asdict(run), name=name,
                            wandb_id=_previous_wandb_id(run) if ctx.is_main else None)
@@ -94,7 +97,7 @@ def run_training(run: RunConfig, ctx: DistributedContext, data: DataBundle, task
         checkpointer=Checkpointer(run.checkpoint.dir, rank=ctx.rank, keep_last=run.checkpoint.keep_last,
                                   async_save=run.checkpoint.async_save, meta=meta,
                                   allow_changed_run=run.checkpoint.allow_changed_run),
-        logger=logger, evaluate=lambda: task.evaluate(model, eval_batches),
+        logger=logger, evaluate=lambda: {**task.evaluate(model, eval_batches), **baselines},
         autocast=autocast,
         flops_per_token=_flops_per_token(task.export_config, data),
     )
