@@ -34,9 +34,9 @@ from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.hydra_main import recipe_main
 from training.masked_lm_metrics import format_side_by_side
-from training.metrics_log import job_wandb, stage_wandb
+from training.metrics_log import job_wandb, last_eval_record, stage_wandb
 from training.parallelize import capture_cuda_graphs, check_cuda_graphs, compile_layers, compute_dtype
-from training.pretrain import pretrain
+from training.pretrain import pretrain_first
 from training.run import Task, run_training
 
 log = logging.getLogger("distill")
@@ -58,11 +58,7 @@ def teacher_run_config(run: RunConfig) -> RunConfig:
 def resolve_teacher(run: RunConfig, ctx: DistributedContext) -> Path:
     if run.distill.teacher is not None:
         return Path(run.distill.teacher)
-    log.info("no distill.teacher given: pretraining a '%s' teacher first", run.distill.teacher_model)
-    result, export_dir = pretrain(teacher_run_config(run), ctx)
-    if export_dir is None:
-        raise SystemExit(0)  # preempted while pretraining the teacher; a relaunch resumes it
-    return export_dir
+    return pretrain_first(teacher_run_config(run), ctx, f"a '{run.distill.teacher_model}' teacher (no distill.teacher given)")
 
 
 def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle, teacher_dir: Path) -> Task:
@@ -96,12 +92,9 @@ def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle,
 
 def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Path) -> None:
     """Print the last held-out evaluation side by side and write it as JSON."""
-    if not ctx.is_main or not metrics_path.is_file():
+    last = last_eval_record(metrics_path) if ctx.is_main else None
+    if last is None:
         return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if '"kind": "eval"' in line]
-    if not records:
-        return
-    last = records[-1]
     results = split_columns(last, ("teacher", "student", *BASELINE_NAMES))
     params = {"teacher": {"parameters": sum(p.numel() for p in task.loss_fn.teacher.parameters())},
               "student": {"parameters": sum(p.numel() for p in task.trainable.student.parameters())}}

@@ -23,8 +23,8 @@ from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.hydra_main import recipe_main
-from training.metrics_log import job_wandb, stage_wandb
-from training.pretrain import pretrain
+from training.metrics_log import job_wandb, last_eval_record, stage_wandb
+from training.pretrain import pretrain_first
 from training.run import Task, run_training
 
 log = logging.getLogger("finetune")
@@ -48,17 +48,7 @@ def resolve_model_dir(run: RunConfig, ctx: DistributedContext) -> Path:
             raise FileNotFoundError(f"config 'finetune.model_dir': {path} has no config.json; give an exported "
                                     "model directory (final_model of train.py or distill.py, or a stock BERT)")
         return path
-    pre = pretrain_run_config(run)
-    done = Path(pre.output_dir) / "final_model"
-    if (done / "config.json").is_file():  # exports are atomic: a config.json means a finished model
-        log.info("fine-tuning the model pretrained earlier: %s", done)
-        return done
-    log.info("no finetune.model_dir given: pretraining the configured model for %d steps first",
-             run.finetune.pretrain_steps)
-    _, export_dir = pretrain(pre, ctx)
-    if export_dir is None:
-        raise SystemExit(0)  # preempted while pretraining; a relaunch resumes it
-    return export_dir
+    return pretrain_first(pretrain_run_config(run), ctx, "the configured model (no finetune.model_dir given)")
 
 
 def cell_max_length(run: RunConfig, source: BertTEConfig) -> int:
@@ -91,11 +81,9 @@ def finetune(run: RunConfig, ctx: DistributedContext) -> None:
 
 def write_report(output_dir: Path) -> None:
     """The last held-out evaluation as finetune_eval.json, printed too."""
-    records = [json.loads(line) for line in (output_dir / "finetune.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval"]
-    if evals:
-        (output_dir / "finetune_eval.json").write_text(json.dumps(evals[-1], indent=2) + "\n")
-        last = evals[-1]
+    last = last_eval_record(output_dir / "finetune.jsonl")
+    if last is not None:
+        (output_dir / "finetune_eval.json").write_text(json.dumps(last, indent=2) + "\n")
         print(f"held-out cells at step {last['step']}: accuracy {last['accuracy']:.4f}, "
               f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells); always the most common training "
               f"class: accuracy {last['majority_class_accuracy']:.4f}")

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.metrics_log import last_eval_record
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"4m": 0.9, "3m": 0.85, "2m": 0.8}  # student / teacher held-out accuracy
 # 4m ablation: distill.* overrides of the defaults (hydra_config/distill/distill_base.yaml: KD only, from the
@@ -64,10 +66,10 @@ def run_all(jobs: dict[str, tuple[str, list[str]]], out: Path, args: argparse.Na
 
 
 def last_eval(path: Path) -> dict:
-    records = [json.loads(line) for line in path.read_text().splitlines() if '"kind": "eval"' in line]
-    if not records:
+    record = last_eval_record(path)
+    if record is None:
         raise SystemExit(f"{path} holds no eval record")
-    return records[-1]
+    return record
 
 
 def run_dir(out: Path, name: str) -> Path:

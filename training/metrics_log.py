@@ -97,3 +97,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl file (for plots and comparisons)."""
     with Path(path).open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def last_eval_record(path: str | Path) -> dict | None:
+    """The newest held-out evaluation record of a metrics.jsonl file; None when the run has none (yet)."""
+    if not Path(path).is_file():
+        return None
+    evals = [record for record in read_metrics(path) if record.get("kind") == "eval"]
+    return evals[-1] if evals else None

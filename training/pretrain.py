@@ -5,6 +5,7 @@ train.py runs it; distill.py runs it too when it must first pretrain a teacher.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from torch import nn
@@ -15,9 +16,11 @@ from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.loop import LoopResult
 from training.masked_lm_metrics import format_side_by_side, masked_lm_metrics
-from training.metrics_log import read_metrics
+from training.metrics_log import last_eval_record
 from training.parallelize import unwrap
 from training.run import Task, masked_lm_loss, run_training
+
+log = logging.getLogger("pretrain")
 
 
 def _device_of(module: nn.Module):
@@ -45,12 +48,24 @@ def pretrain(run: RunConfig, ctx: DistributedContext) -> tuple[LoopResult, Path 
     return result, export_dir
 
 
+def pretrain_first(run: RunConfig, ctx: DistributedContext, what: str) -> Path:
+    """The exported model of the masked-LM pretraining `run` that a job needs before its own, trained now.
+
+    A finished pretraining resumes at its last step and only exports again; a preemption during it ends this
+    launch with exit code 0, and the relaunch resumes it.
+    """
+    log.info("pretraining %s first (%d steps, %s)", what, run.training.num_train_steps, run.output_dir)
+    _, export_dir = pretrain(run, ctx)
+    if export_dir is None:
+        raise SystemExit(0)
+    return export_dir
+
+
 def print_last_eval(metrics_path: Path) -> None:
     """The run's last held-out evaluation beside the trivial baselines, as a table."""
-    records = [r for r in read_metrics(metrics_path) if r["kind"] == "eval"] if metrics_path.is_file() else []
-    if not records:
+    last = last_eval_record(metrics_path)
+    if last is None:
         return
-    last = records[-1]
     model = {k: v for k, v in last.items() if k not in ("step", "kind") and not k.startswith(BASELINE_NAMES)}
     print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for the model and the baselines)\n"
           + format_side_by_side({"model": model, **split_columns(last, BASELINE_NAMES)}), flush=True)
