@@ -1,7 +1,7 @@
 """Knowledge distillation of a Geneformer teacher into a small student, on one CPU or many GPUs with torchrun.
 
-    python distill.py --config-name l0_sanity                 # pretrains a tiny teacher first, then distils
-    torchrun --nproc_per_node=8 distill.py --config-name 4m distill.teacher=/path/to/Geneformer-V1-10M
+python distill.py --config-name l0_sanity                 # pretrains a tiny teacher first, then distils
+torchrun --nproc_per_node=8 distill.py --config-name 4m distill.teacher=/path/to/Geneformer-V1-10M
 """
 
 from __future__ import annotations
@@ -46,19 +46,34 @@ def teacher_run_config(run: RunConfig) -> RunConfig:
     """The pretraining run that makes a teacher when none is given: same data and seed, own output dir."""
     cfg = run.distill
     out = Path(run.output_dir) / "teacher"
-    training = dataclasses.replace(run.training, num_train_steps=cfg.teacher_steps, lr=cfg.teacher_lr,
-                                   warmup_steps=max(1, cfg.teacher_steps // 10))
+    training = dataclasses.replace(
+        run.training,
+        num_train_steps=cfg.teacher_steps,
+        lr=cfg.teacher_lr,
+        warmup_steps=max(1, cfg.teacher_steps // 10),
+    )
     # The teacher reads cells truncated as the student will see them.
-    model = {**model_config_by_name(cfg.teacher_model), "max_position_embeddings": run.model["max_position_embeddings"]}
-    return dataclasses.replace(run, output_dir=str(out), model=model,
-                               training=training, distill=None, logging=stage_wandb(run, "teacher"),
-                               checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
+    model = {
+        **model_config_by_name(cfg.teacher_model),
+        "max_position_embeddings": run.model["max_position_embeddings"],
+    }
+    return dataclasses.replace(
+        run,
+        output_dir=str(out),
+        model=model,
+        training=training,
+        distill=None,
+        logging=stage_wandb(run, "teacher"),
+        checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")),
+    )
 
 
 def resolve_teacher(run: RunConfig, ctx: DistributedContext) -> Path:
     if run.distill.teacher is not None:
         return Path(run.distill.teacher)
-    return pretrain_first(teacher_run_config(run), ctx, f"a '{run.distill.teacher_model}' teacher (no distill.teacher given)")
+    return pretrain_first(
+        teacher_run_config(run), ctx, f"a '{run.distill.teacher_model}' teacher (no distill.teacher given)"
+    )
 
 
 def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle, teacher_dir: Path) -> Task:
@@ -73,19 +88,27 @@ def distillation_task(run: RunConfig, ctx: DistributedContext, data: DataBundle,
         compile_layers(teacher.bert.encoder.layer)
     check_teacher(teacher_dir, teacher.config, student_config, data.vocab, int(data.corpus.lengths.max()))
     student = build_model(student_config, run.seed)
-    layer_map = [tuple(pair) for pair in cfg.layer_map] if cfg.layer_map else default_layer_map(
-        student_config.num_hidden_layers, teacher.config.num_hidden_layers)
+    layer_map = (
+        [tuple(pair) for pair in cfg.layer_map]
+        if cfg.layer_map
+        else default_layer_map(student_config.num_hidden_layers, teacher.config.num_hidden_layers)
+    )
     if cfg.student_init == "teacher":
         init_student_from_teacher(student, teacher, [(s - 1, t - 1) for s, t in layer_map if s > 0 and t > 0])
     n_projections = len(layer_map) if cfg.hidden_weight > 0 else 0
     trainable = StudentWithProjections(student, teacher.config.hidden_size, n_projections)
     return Task(
-        trainable=trainable, layers=list(student.bert.encoder.layer),
+        trainable=trainable,
+        layers=list(student.bert.encoder.layer),
         loss_fn=DistillationLoss(teacher, cfg, layer_map, student_config.num_attention_heads),
         evaluate=lambda wrapped, batches: evaluate_side_by_side(teacher, wrapped, batches),
-        export_config=student_config, export_prefix="student.",
-        meta={"task": "distillation", "teacher_dir": str(teacher_dir.resolve()),
-              "teacher_sha256": weights_sha256(teacher_dir)},
+        export_config=student_config,
+        export_prefix="student.",
+        meta={
+            "task": "distillation",
+            "teacher_dir": str(teacher_dir.resolve()),
+            "teacher_sha256": weights_sha256(teacher_dir),
+        },
         baselines=masked_lm_baselines,
     )
 
@@ -96,21 +119,28 @@ def report(run: RunConfig, ctx: DistributedContext, task: Task, metrics_path: Pa
     if last is None:
         return
     results = split_columns(last, ("teacher", "student", *BASELINE_NAMES))
-    params = {"teacher": {"parameters": sum(p.numel() for p in task.loss_fn.teacher.parameters())},
-              "student": {"parameters": sum(p.numel() for p in task.trainable.student.parameters())}}
-    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for the models and the baselines)\n"
-          + format_side_by_side(results, params))
+    params = {
+        "teacher": {"parameters": sum(p.numel() for p in task.loss_fn.teacher.parameters())},
+        "student": {"parameters": sum(p.numel() for p in task.trainable.student.parameters())},
+    }
+    print(
+        f"\nheld-out masked-LM at step {last['step']} (same masked cells for the models and the baselines)\n"
+        + format_side_by_side(results, params)
+    )
     out = Path(run.output_dir) / "distill_eval.json"
     counts = {side: rows["parameters"] for side, rows in params.items()}
     out.write_text(json.dumps({"step": last["step"], "results": results, "parameters": counts}, indent=2))
 
 
 def distil(run: RunConfig, ctx: DistributedContext) -> None:
-    run = dataclasses.replace(run, logging=job_wandb(run))  # a pretrained teacher's W&B run joins this one's group
+    run = dataclasses.replace(
+        run, logging=job_wandb(run)
+    )  # a pretrained teacher's W&B run joins this one's group
     student_config = model_config_from_dict(run.model)
     teacher_dir = resolve_teacher(run, ctx)
-    data = build_data(run, ctx, vocab_size=student_config.vocab_size,
-                      max_length=student_config.max_position_embeddings)
+    data = build_data(
+        run, ctx, vocab_size=student_config.vocab_size, max_length=student_config.max_position_embeddings
+    )
     task = distillation_task(run, ctx, data, teacher_dir)
     result, _ = run_training(run, ctx, data, task, name="distill")
     if not result.preempted:

@@ -34,19 +34,31 @@ def pretrain_run_config(run: RunConfig) -> RunConfig:
     """The masked-LM run that makes the model to fine-tune when none is given: same data, `model`, own output dir."""
     cfg = run.finetune
     out = Path(run.output_dir) / "pretrained"
-    training = dataclasses.replace(run.training, num_train_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                                   warmup_steps=max(1, cfg.pretrain_steps // 10), stop_after_steps=None)
-    return dataclasses.replace(run, output_dir=str(out), training=training, finetune=None,
-                               logging=stage_wandb(run, "pretrained"),
-                               checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")))
+    training = dataclasses.replace(
+        run.training,
+        num_train_steps=cfg.pretrain_steps,
+        lr=cfg.pretrain_lr,
+        warmup_steps=max(1, cfg.pretrain_steps // 10),
+        stop_after_steps=None,
+    )
+    return dataclasses.replace(
+        run,
+        output_dir=str(out),
+        training=training,
+        finetune=None,
+        logging=stage_wandb(run, "pretrained"),
+        checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")),
+    )
 
 
 def resolve_model_dir(run: RunConfig, ctx: DistributedContext) -> Path:
     if run.finetune.model_dir is not None:
         path = Path(run.finetune.model_dir)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"config 'finetune.model_dir': {path} has no config.json; give an exported "
-                                    "model directory (final_model of train.py or distill.py, or a stock BERT)")
+            raise FileNotFoundError(
+                f"config 'finetune.model_dir': {path} has no config.json; give an exported "
+                "model directory (final_model of train.py or distill.py, or a stock BERT)"
+            )
         return path
     return pretrain_first(pretrain_run_config(run), ctx, "the configured model (no finetune.model_dir given)")
 
@@ -57,20 +69,32 @@ def cell_max_length(run: RunConfig, source: BertTEConfig) -> int:
 
 
 def finetune(run: RunConfig, ctx: DistributedContext) -> None:
-    run = dataclasses.replace(run, logging=job_wandb(run))  # a model pretrained first joins this run's W&B group
+    run = dataclasses.replace(
+        run, logging=job_wandb(run)
+    )  # a model pretrained first joins this run's W&B group
     model_dir = resolve_model_dir(run, ctx)
     source = BertTEConfig.from_pretrained(str(model_dir))
-    data, labels = build_classification_data(run, ctx, vocab_size=source.vocab_size,
-                                             max_length=cell_max_length(run, source))
+    data, labels = build_classification_data(
+        run, ctx, vocab_size=source.vocab_size, max_length=cell_max_length(run, source)
+    )
     model = BertForCellClassification.from_masked_lm_dir(model_dir, labels.id2label, seed=run.seed)
     model.freeze(run.finetune.freeze_layers)
-    log.info("%d classes, %d training and %d held-out cells; %d of %d layers frozen", len(labels.names),
-             len(data.train_idx), len(data.heldout_idx), run.finetune.freeze_layers, source.num_hidden_layers)
+    log.info(
+        "%d classes, %d training and %d held-out cells; %d of %d layers frozen",
+        len(labels.names),
+        len(data.train_idx),
+        len(data.heldout_idx),
+        run.finetune.freeze_layers,
+        source.num_hidden_layers,
+    )
     n_labels = len(labels.names)
     task = Task(
-        trainable=model, layers=list(model.bert.encoder.layer), loss_fn=classification_loss,
+        trainable=model,
+        layers=list(model.bert.encoder.layer),
+        loss_fn=classification_loss,
         evaluate=lambda wrapped, batches: classification_metrics(wrapped, batches, n_labels, ctx.device),
-        export_config=model.config, export=export_classifier_dir,
+        export_config=model.config,
+        export=export_classifier_dir,
         meta={"task": "classification", "model_dir": str(model_dir.resolve()), "labels": labels.names},
         baselines=lambda data, batches, is_main: majority_class_accuracy(labels.ids[data.train_idx], batches),
     )
@@ -84,9 +108,11 @@ def write_report(output_dir: Path) -> None:
     last = last_eval_record(output_dir / "finetune.jsonl")
     if last is not None:
         (output_dir / "finetune_eval.json").write_text(json.dumps(last, indent=2) + "\n")
-        print(f"held-out cells at step {last['step']}: accuracy {last['accuracy']:.4f}, "
-              f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells); always the most common training "
-              f"class: accuracy {last['majority_class_accuracy']:.4f}")
+        print(
+            f"held-out cells at step {last['step']}: accuracy {last['accuracy']:.4f}, "
+            f"macro-F1 {last['macro_f1']:.4f} ({int(last['cells'])} cells); always the most common training "
+            f"class: accuracy {last['majority_class_accuracy']:.4f}"
+        )
 
 
 @recipe_main(config_path="hydra_config/finetune", config_name="l0_sanity")

@@ -1,7 +1,7 @@
 """Masked-LM pretraining of a Geneformer-style BERT, from one CPU process to many GPUs with torchrun.
 
-    python train.py --config-name l0_sanity
-    torchrun --nproc_per_node=8 train.py --config-name 10m training.strategy=fsdp2
+python train.py --config-name l0_sanity
+torchrun --nproc_per_node=8 train.py --config-name 10m training.strategy=fsdp2
 """
 
 from __future__ import annotations

@@ -92,15 +92,25 @@ def main() -> None:
         file_crc32c(path)
     read_back = time.perf_counter() - start
     bare, summed = statistics.median(times[False]), statistics.median(times[True])
-    print(f"model {args.model}: {params / 1e6:.1f}M parameters + AdamW state, {size_mib:.0f} MiB in {len(files)} files")
-    print(f"bare dcp.save, median of {args.repeats}: {bare:.2f} s  (all: {', '.join(f'{t:.2f}' for t in times[False])})")
-    print(f"recipe save (CRC32C while writing + manifest): {summed:.2f} s  "
-          f"(all: {', '.join(f'{t:.2f}' for t in times[True])})")
+    print(
+        f"model {args.model}: {params / 1e6:.1f}M parameters + AdamW state, {size_mib:.0f} MiB in {len(files)} files"
+    )
+    print(
+        f"bare dcp.save, median of {args.repeats}: {bare:.2f} s  (all: {', '.join(f'{t:.2f}' for t in times[False])})"
+    )
+    print(
+        f"recipe save (CRC32C while writing + manifest): {summed:.2f} s  "
+        f"(all: {', '.join(f'{t:.2f}' for t in times[True])})"
+    )
     crc = statistics.median(crc_seconds)
-    print(f"time inside CRC32C during the recipe save: {crc:.2f} s ({size_mib / crc:.0f} MiB/s), "
-          f"{100 * crc / bare:.1f}% of the bare save")
+    print(
+        f"time inside CRC32C during the recipe save: {crc:.2f} s ({size_mib / crc:.0f} MiB/s), "
+        f"{100 * crc / bare:.1f}% of the bare save"
+    )
     print(f"difference of the medians: {100 * (summed - bare) / bare:+.1f}% (noisy on a loaded machine)")
-    print(f"for comparison, reading the files back to sum them: {read_back:.2f} s ({100 * read_back / bare:.0f}%)")
+    print(
+        f"for comparison, reading the files back to sum them: {read_back:.2f} s ({100 * read_back / bare:.0f}%)"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

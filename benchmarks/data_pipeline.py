@@ -38,20 +38,30 @@ def pad_share(lengths: np.ndarray, batches: list[np.ndarray], multiple: int) -> 
 
 def padding(corpus: CellCorpus, max_tokens: int) -> None:
     lengths = corpus.lengths
-    sampler = TokenBudgetSampler(lengths, np.arange(len(corpus)), max_tokens=max_tokens, max_cells=None,
-                                 rank=0, world_size=1, seed=0)
+    sampler = TokenBudgetSampler(
+        lengths, np.arange(len(corpus)), max_tokens=max_tokens, max_cells=None, rank=0, world_size=1, seed=0
+    )
     budget = pad_share(lengths, sampler.global_batches(0), 8)
     # Fixed-size random batches with the same mean cell count per batch, padded to the longest cell.
     size = max(1, round(len(corpus) / len(sampler.global_batches(0))))
     order = np.random.default_rng(0).permutation(len(corpus))
-    fixed = pad_share(lengths, [order[i:i + size] for i in range(0, len(order), size)], 8)
-    print(f"padding  token-budget sampler: {100 * budget:.2f}% pad tokens (target <= 3%)   "
-          f"fixed-size random batches of {size}: {100 * fixed:.2f}%")
+    fixed = pad_share(lengths, [order[i : i + size] for i in range(0, len(order), size)], 8)
+    print(
+        f"padding  token-budget sampler: {100 * budget:.2f}% pad tokens (target <= 3%)   "
+        f"fixed-size random batches of {size}: {100 * fixed:.2f}%"
+    )
 
 
 def throughput(corpus: CellCorpus, vocab: Vocabulary, max_tokens: int, seconds: float = 5.0) -> None:
-    sampler = TokenBudgetSampler(corpus.lengths, np.arange(len(corpus)), max_tokens=max_tokens, max_cells=None,
-                                 rank=0, world_size=1, seed=0)
+    sampler = TokenBudgetSampler(
+        corpus.lengths,
+        np.arange(len(corpus)),
+        max_tokens=max_tokens,
+        max_cells=None,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
     for packed in (False, True):
         loader = CellBatchLoader(corpus, sampler, MLMCollator(vocab, packed=packed), rank=0)
         next(loader)
@@ -59,8 +69,10 @@ def throughput(corpus: CellCorpus, vocab: Vocabulary, max_tokens: int, seconds: 
         while time.perf_counter() - start < seconds:
             tokens += int(next(loader)["attention_mask"].sum())
         rate = tokens / (time.perf_counter() - start)
-        print(f"throughput  one process, read + mask + collate ({'packed' if packed else 'padded'}): "
-              f"{rate / 1e6:.2f}M tokens/s (target >= 1M)")
+        print(
+            f"throughput  one process, read + mask + collate ({'packed' if packed else 'padded'}): "
+            f"{rate / 1e6:.2f}M tokens/s (target >= 1M)"
+        )
 
 
 def scale(n_cells: int, workdir: Path, max_tokens: int, vocab: Vocabulary) -> None:
@@ -69,8 +81,21 @@ def scale(n_cells: int, workdir: Path, max_tokens: int, vocab: Vocabulary) -> No
         start = time.perf_counter()
         shutil.rmtree(data, ignore_errors=True)
         # In a child process, so the generator's memory does not blur this process's RSS figures.
-        subprocess.run([sys.executable, "-m", "dataset.builtin_corpus", "--out", str(data), "--cells", str(n_cells),
-                        "--shards", str(max(1, n_cells // 50_000))], check=True, cwd=Path(__file__).resolve().parents[1])
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dataset.builtin_corpus",
+                "--out",
+                str(data),
+                "--cells",
+                str(n_cells),
+                "--shards",
+                str(max(1, n_cells // 50_000)),
+            ],
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         print(f"scale  generated {n_cells} cells in {time.perf_counter() - start:.1f} s")
     shutil.rmtree(cache, ignore_errors=True)
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # index preparation on one core
@@ -78,28 +103,51 @@ def scale(n_cells: int, workdir: Path, max_tokens: int, vocab: Vocabulary) -> No
     corpus = CellCorpus(data, vocab_size=vocab.size, max_length=2048, cache_dir=cache)
     index_s = time.perf_counter() - start
     tokens = corpus.meta["n_tokens"]
-    print(f"scale  index preparation for {len(corpus)} cells / {tokens / 1e6:.0f}M tokens on one core: "
-          f"{index_s:.1f} s (target <= 60 s)")
+    print(
+        f"scale  index preparation for {len(corpus)} cells / {tokens / 1e6:.0f}M tokens on one core: "
+        f"{index_s:.1f} s (target <= 60 s)"
+    )
     # Memory in a fresh process that opens the prepared index: index building leaves freed memory behind here.
-    subprocess.run([sys.executable, "-m", "benchmarks.data_pipeline", "--epoch-rss", str(data), "--workdir", str(workdir),
-                    "--max-tokens", str(max_tokens)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.data_pipeline",
+            "--epoch-rss",
+            str(data),
+            "--workdir",
+            str(workdir),
+            "--max-tokens",
+            str(max_tokens),
+        ],
+        check=True,
+    )
 
 
 def epoch_rss(data: Path, cache: Path, max_tokens: int, vocab: Vocabulary) -> None:
     """RSS from before opening the corpus to the peak of one full collated epoch (every cell read once)."""
     before = rss_mb()
     corpus = CellCorpus(data, vocab_size=vocab.size, max_length=2048, cache_dir=cache)
-    sampler = TokenBudgetSampler(corpus.lengths, np.arange(len(corpus)), max_tokens=max_tokens, max_cells=None,
-                                 rank=0, world_size=1, seed=0)
+    sampler = TokenBudgetSampler(
+        corpus.lengths,
+        np.arange(len(corpus)),
+        max_tokens=max_tokens,
+        max_cells=None,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
     loader = CellBatchLoader(corpus, sampler, MLMCollator(vocab), rank=0)
     opened, seen, start = rss_mb(), 0, time.perf_counter()
     peak = opened
     for _ in range(len(sampler)):
         seen += len(next(loader)["cell_index"])
         peak = max(peak, rss_mb())
-    print(f"scale  iterated {seen} cells (one epoch, collated) in {time.perf_counter() - start:.0f} s; RSS "
-          f"{before:.0f} MB before opening the corpus, {opened:.0f} MB once open, peak {peak:.0f} MB: increase "
-          f"{peak - before:.0f} MB (target <= 300 MB)")
+    print(
+        f"scale  iterated {seen} cells (one epoch, collated) in {time.perf_counter() - start:.0f} s; RSS "
+        f"{before:.0f} MB before opening the corpus, {opened:.0f} MB once open, peak {peak:.0f} MB: increase "
+        f"{peak - before:.0f} MB (target <= 300 MB)"
+    )
 
 
 def main() -> None:

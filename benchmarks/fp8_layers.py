@@ -25,9 +25,13 @@ from training.throughput import peak_flops
 ROOT = Path(__file__).resolve().parents[1]
 
 # (label, scaling, layer choice); None = bf16
-VARIANTS = [("bf16", None, None), ("fp8 tensorwise auto", "tensorwise", "auto"),
-            ("fp8 tensorwise all", "tensorwise", "all"), ("fp8 rowwise auto", "rowwise", "auto"),
-            ("fp8 rowwise all", "rowwise", "all")]
+VARIANTS = [
+    ("bf16", None, None),
+    ("fp8 tensorwise auto", "tensorwise", "auto"),
+    ("fp8 tensorwise all", "tensorwise", "all"),
+    ("fp8 rowwise auto", "rowwise", "auto"),
+    ("fp8 rowwise all", "rowwise", "all"),
+]
 
 
 class LayerStack(nn.Module):
@@ -51,8 +55,13 @@ def stack_config(name: str, smoke: bool) -> BertTEConfig:
     return BertTEConfig(**{**fields, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
 
 
-def time_variant(config: BertTEConfig, args: argparse.Namespace, device: torch.device, scaling: str | None,
-                 layers: str | None) -> dict:
+def time_variant(
+    config: BertTEConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    scaling: str | None,
+    layers: str | None,
+) -> dict:
     torch.manual_seed(0)
     stack = LayerStack(config, args.layers)
     converted = apply_float8(stack, tokens=args.tokens, scaling=scaling, layers=layers) if scaling else []
@@ -83,7 +92,11 @@ def time_variant(config: BertTEConfig, args: argparse.Namespace, device: torch.d
     h, f = config.hidden_size, config.intermediate_size
     flops = 3 * 2 * args.tokens * args.layers * (4 * h * h + 2 * h * f)  # linears only, forward + backward
     peak = peak_flops(device) if device.type == "cuda" else None
-    return {"ms": seconds * 1e3, "fp8_layers": len(converted), "linear_mfu": flops / seconds / peak if peak else None}
+    return {
+        "ms": seconds * 1e3,
+        "fp8_layers": len(converted),
+        "linear_mfu": flops / seconds / peak if peak else None,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -95,31 +108,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="4b", help="hydra_config/model/<name> whose layer shape is timed")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=16384, help="packed tokens per micro-batch (4b.yaml: 16384)")
+    parser.add_argument(
+        "--tokens", type=int, default=16384, help="packed tokens per micro-batch (4b.yaml: 16384)"
+    )
     parser.add_argument("--cell-length", type=int, default=512, help="length of each packed cell")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--variants", default=",".join(label for label, _, _ in VARIANTS),
-                        help="comma list of the variants to time (bf16 is the reference and always runs)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(label for label, _, _ in VARIANTS),
+        help="comma list of the variants to time (bf16 is the reference and always runs)",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--smoke-cpu", action="store_true", help="check the script on a CPU: tiny widths and tokens, "
-                        "one step, no compile (figures meaningless)")
+    parser.add_argument(
+        "--smoke-cpu",
+        action="store_true",
+        help="check the script on a CPU: tiny widths and tokens, one step, no compile (figures meaningless)",
+    )
     args = parser.parse_args()
     if args.smoke_cpu:
-        args.layers, args.tokens, args.cell_length, args.steps, args.warmup, args.compile = 2, 256, 64, 1, 1, False
+        args.layers, args.tokens, args.cell_length, args.steps, args.warmup, args.compile = (
+            2,
+            256,
+            64,
+            1,
+            1,
+            False,
+        )
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
-        raise SystemExit("fp8_layers.py measures GPU GEMMs; no CUDA device is visible (use --smoke-cpu to check it)")
+        raise SystemExit(
+            "fp8_layers.py measures GPU GEMMs; no CUDA device is visible (use --smoke-cpu to check it)"
+        )
     config = stack_config(args.model, args.smoke_cpu)
-    print(f"{args.layers} x {args.model} layers (hidden {config.hidden_size}, intermediate {config.intermediate_size}), "
-          f"{args.tokens} tokens in cells of {args.cell_length}, compile={args.compile}, {device}")
+    print(
+        f"{args.layers} x {args.model} layers (hidden {config.hidden_size}, intermediate {config.intermediate_size}), "
+        f"{args.tokens} tokens in cells of {args.cell_length}, compile={args.compile}, {device}"
+    )
     wanted = {"bf16", *args.variants.split(",")}
     unknown = wanted - {label for label, _, _ in VARIANTS}
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(v[0] for v in VARIANTS)}")
+        parser.error(
+            f"--variants: unknown {sorted(unknown)}; choose from {', '.join(v[0] for v in VARIANTS)}"
+        )
     results = {}
     for label, scaling, layers in (v for v in VARIANTS if v[0] in wanted):
         try:
@@ -138,8 +172,9 @@ def main() -> None:
         r["speedup"] = base / r["ms"] if base else None
         print(f"{label:<24}{r['ms']:>10.2f}{r['speedup']:>8.2f}x{r['fp8_layers']:>12}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "results": results},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "device": str(device), "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

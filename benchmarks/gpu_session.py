@@ -22,7 +22,9 @@ from session_summary import write_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = ["--steps", "12", "--warmup", "4", "--batches", "24"]
-QUALITY_TEACHER = "{out}/quality/quality_4m/teacher/final_model"  # the 10m teacher the 3m and 2m students reuse
+QUALITY_TEACHER = (
+    "{out}/quality/quality_4m/teacher/final_model"  # the 10m teacher the 3m and 2m students reuse
+)
 
 
 @dataclass
@@ -41,28 +43,133 @@ def gpu_pieces() -> list[Piece]:
     py, tp = sys.executable, "benchmarks.gpu_throughput"
     return [
         Piece("pytest_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 60),
-        Piece("pretrain_10m", [py, "-m", tp, "--parts", "pretrain", "--baseline-batch-size", "32", *STEPS, "--modes",
-                               "bf16 +packing,bf16 +packing +compile,bf16 +packing +graphs,fp8 +packing +compile"],
-              140, "pretrain_10m.json"),
-        Piece("distill_10m_4m", [py, "-m", tp, "--parts", "distill", "--baseline-batch-size", "12", *STEPS, "--modes",
-                                 "bf16 +packing +compile,bf16 +packing +graphs"], 140, "distill_10m_4m.json"),
-        Piece("pretrain_106m", [py, "-m", tp, "--parts", "106m", *STEPS, "--modes-106m",
-                                "bf16 +packing +compile,fp8 +packing +compile,fp8 rowwise +packing +compile"],
-              120, "pretrain_106m.json"),
+        Piece(
+            "pretrain_10m",
+            [
+                py,
+                "-m",
+                tp,
+                "--parts",
+                "pretrain",
+                "--baseline-batch-size",
+                "32",
+                *STEPS,
+                "--modes",
+                "bf16 +packing,bf16 +packing +compile,bf16 +packing +graphs,fp8 +packing +compile",
+            ],
+            140,
+            "pretrain_10m.json",
+        ),
+        Piece(
+            "distill_10m_4m",
+            [
+                py,
+                "-m",
+                tp,
+                "--parts",
+                "distill",
+                "--baseline-batch-size",
+                "12",
+                *STEPS,
+                "--modes",
+                "bf16 +packing +compile,bf16 +packing +graphs",
+            ],
+            140,
+            "distill_10m_4m.json",
+        ),
+        Piece(
+            "pretrain_106m",
+            [
+                py,
+                "-m",
+                tp,
+                "--parts",
+                "106m",
+                *STEPS,
+                "--modes-106m",
+                "bf16 +packing +compile,fp8 +packing +compile,fp8 rowwise +packing +compile",
+            ],
+            120,
+            "pretrain_106m.json",
+        ),
         # At the 4b shape every layer gains, so `auto` is `all` there.
-        Piece("fp8_layers_4b", [py, "-m", "benchmarks.fp8_layers", "--model", "4b", "--layers", "4", "--variants",
-                                "fp8 tensorwise auto,fp8 rowwise auto"], 80, "fp8_layers_4b.json"),
+        Piece(
+            "fp8_layers_4b",
+            [
+                py,
+                "-m",
+                "benchmarks.fp8_layers",
+                "--model",
+                "4b",
+                "--layers",
+                "4",
+                "--variants",
+                "fp8 tensorwise auto,fp8 rowwise auto",
+            ],
+            80,
+            "fp8_layers_4b.json",
+        ),
         # With what is left: a 10m teacher, then a 4m student distilled and trained by masked-LM alone.
-        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--teacher-model", "10m", "--students", "4m", "--no-ablation",
-                             "--teacher-steps", "1500", "--steps", "600", "--max-tokens", "32768", "--max-length",
-                             "2048", "--eval-cells", "256", "--lr", "1e-3", "--override", "data.packed=true"],
-              240, min_left_s=150),
-        *(Piece(f"quality_{student}", [py, "-m", "benchmarks.distill_quality", "--teacher", QUALITY_TEACHER,
-                                       "--students", student, "--no-ablation", "--steps", "600", "--max-tokens", "32768",
-                                       "--max-length", "2048", "--eval-cells", "256", "--lr", "1e-3",
-                                       "--override", "data.packed=true"], 100, min_left_s=80,
-                needs=QUALITY_TEACHER)
-          for student in ("3m", "2m")),
+        Piece(
+            "quality_4m",
+            [
+                py,
+                "-m",
+                "benchmarks.distill_quality",
+                "--teacher-model",
+                "10m",
+                "--students",
+                "4m",
+                "--no-ablation",
+                "--teacher-steps",
+                "1500",
+                "--steps",
+                "600",
+                "--max-tokens",
+                "32768",
+                "--max-length",
+                "2048",
+                "--eval-cells",
+                "256",
+                "--lr",
+                "1e-3",
+                "--override",
+                "data.packed=true",
+            ],
+            240,
+            min_left_s=150,
+        ),
+        *(
+            Piece(
+                f"quality_{student}",
+                [
+                    py,
+                    "-m",
+                    "benchmarks.distill_quality",
+                    "--teacher",
+                    QUALITY_TEACHER,
+                    "--students",
+                    student,
+                    "--no-ablation",
+                    "--steps",
+                    "600",
+                    "--max-tokens",
+                    "32768",
+                    "--max-length",
+                    "2048",
+                    "--eval-cells",
+                    "256",
+                    "--lr",
+                    "1e-3",
+                    "--override",
+                    "data.packed=true",
+                ],
+                100,
+                min_left_s=80,
+                needs=QUALITY_TEACHER,
+            )
+            for student in ("3m", "2m")
+        ),
     ]
 
 
@@ -72,21 +179,98 @@ def smoke_pieces() -> list[Piece]:
     smoke = ["--smoke-cpu"]
     return [
         Piece("pytest_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 300),
-        Piece("pretrain_10m", [py, "-m", tp, "--parts", "pretrain", *smoke, "--modes",
-                               "bf16 +packing,bf16 +packing +graphs,fp8 +packing +compile"], 900, "pretrain_10m.json"),
-        Piece("distill_10m_4m", [py, "-m", tp, "--parts", "distill", *smoke, "--modes", "bf16 +packing +graphs"], 900,
-              "distill_10m_4m.json"),
-        Piece("pretrain_106m", [py, "-m", tp, "--parts", "106m", *smoke, "--modes-106m", "fp8 rowwise +packing +compile"],
-              900, "pretrain_106m.json"),
+        Piece(
+            "pretrain_10m",
+            [
+                py,
+                "-m",
+                tp,
+                "--parts",
+                "pretrain",
+                *smoke,
+                "--modes",
+                "bf16 +packing,bf16 +packing +graphs,fp8 +packing +compile",
+            ],
+            900,
+            "pretrain_10m.json",
+        ),
+        Piece(
+            "distill_10m_4m",
+            [py, "-m", tp, "--parts", "distill", *smoke, "--modes", "bf16 +packing +graphs"],
+            900,
+            "distill_10m_4m.json",
+        ),
+        Piece(
+            "pretrain_106m",
+            [py, "-m", tp, "--parts", "106m", *smoke, "--modes-106m", "fp8 rowwise +packing +compile"],
+            900,
+            "pretrain_106m.json",
+        ),
         # Tiny widths gain nothing from FP8: `all` runs the FP8 layers anyway.
-        Piece("fp8_layers_4b", [py, "-m", "benchmarks.fp8_layers", "--model", "4b", *smoke, "--variants",
-                                "fp8 tensorwise auto,fp8 rowwise all"], 300, "fp8_layers_4b.json"),
-        Piece("quality_4m", [py, "-m", "benchmarks.distill_quality", "--teacher-model", "tiny", "--teacher-steps", "2",
-                             "--students", "micro", "--no-ablation", "--steps", "2",
-                             "--max-tokens", "512", "--max-length", "64", "--eval-cells", "8"], 600, min_left_s=60),
-        Piece("quality_3m", [py, "-m", "benchmarks.distill_quality", "--teacher", QUALITY_TEACHER, "--students",
-                             "micro", "--no-ablation", "--steps", "2", "--max-tokens", "512", "--max-length", "64", "--eval-cells",
-                             "8"], 600, min_left_s=60, needs=QUALITY_TEACHER),
+        Piece(
+            "fp8_layers_4b",
+            [
+                py,
+                "-m",
+                "benchmarks.fp8_layers",
+                "--model",
+                "4b",
+                *smoke,
+                "--variants",
+                "fp8 tensorwise auto,fp8 rowwise all",
+            ],
+            300,
+            "fp8_layers_4b.json",
+        ),
+        Piece(
+            "quality_4m",
+            [
+                py,
+                "-m",
+                "benchmarks.distill_quality",
+                "--teacher-model",
+                "tiny",
+                "--teacher-steps",
+                "2",
+                "--students",
+                "micro",
+                "--no-ablation",
+                "--steps",
+                "2",
+                "--max-tokens",
+                "512",
+                "--max-length",
+                "64",
+                "--eval-cells",
+                "8",
+            ],
+            600,
+            min_left_s=60,
+        ),
+        Piece(
+            "quality_3m",
+            [
+                py,
+                "-m",
+                "benchmarks.distill_quality",
+                "--teacher",
+                QUALITY_TEACHER,
+                "--students",
+                "micro",
+                "--no-ablation",
+                "--steps",
+                "2",
+                "--max-tokens",
+                "512",
+                "--max-length",
+                "64",
+                "--eval-cells",
+                "8",
+            ],
+            600,
+            min_left_s=60,
+            needs=QUALITY_TEACHER,
+        ),
     ]
 
 
@@ -109,14 +293,25 @@ def run_piece(piece: Piece, out: Path, left_s: float, builtin_dir: Path) -> dict
     start = time.perf_counter()
     with log.open("w") as handle:
         try:
-            rc = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=limit,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            rc = subprocess.run(
+                command,
+                cwd=ROOT,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=limit,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ).returncode
             status = "ok" if rc == 0 else f"exit {rc}"
         except subprocess.TimeoutExpired:
             status = f"stopped at its {limit} s limit (figures of finished parts kept)"
     seconds = time.perf_counter() - start
     print(f"[{piece.name}] {status} after {seconds:.0f} s", flush=True)
-    return {"name": piece.name, "status": status, "seconds": round(seconds, 1), "log": str(log.relative_to(out))}
+    return {
+        "name": piece.name,
+        "status": status,
+        "seconds": round(seconds, 1),
+        "log": str(log.relative_to(out)),
+    }
 
 
 def environment() -> dict:
@@ -129,8 +324,15 @@ def environment() -> dict:
             info[module] = "missing"
     try:
         info["nvidia-smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip()
+            [
+                "nvidia-smi",
+                "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         info["nvidia-smi"] = "unavailable"
     return info
@@ -139,11 +341,17 @@ def environment() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for figures/, logs/, quality/ and session.json")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for everything (default 540 on a GPU, 3600 with --smoke-cpu)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for everything (default 540 on a GPU, 3600 with --smoke-cpu)",
+    )
     parser.add_argument("--only", default=None, help="comma list of piece names to run (default: all)")
     parser.add_argument("--builtin-dir", default=str(ROOT / "outputs" / "builtin_corpus"))
-    parser.add_argument("--smoke-cpu", action="store_true", help="rehearse every piece on a CPU at tiny shapes")
+    parser.add_argument(
+        "--smoke-cpu", action="store_true", help="rehearse every piece on a CPU at tiny shapes"
+    )
     args = parser.parse_args()
     pieces = smoke_pieces() if args.smoke_cpu else gpu_pieces()
     if args.only:
@@ -152,15 +360,24 @@ def main() -> None:
     out = Path(args.out).resolve()
     for sub in ("figures", "logs", "quality"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "smoke_cpu": args.smoke_cpu,
-               "budget_s": budget, "environment": environment(), "pieces": []}
+    session = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "smoke_cpu": args.smoke_cpu,
+        "budget_s": budget,
+        "environment": environment(),
+        "pieces": [],
+    }
     start = time.perf_counter()
     for piece in pieces:
-        session["pieces"].append(run_piece(piece, out, budget - (time.perf_counter() - start), Path(args.builtin_dir)))
+        session["pieces"].append(
+            run_piece(piece, out, budget - (time.perf_counter() - start), Path(args.builtin_dir))
+        )
         session["elapsed_s"] = round(time.perf_counter() - start, 1)
         (out / "session.json").write_text(json.dumps(session, indent=2) + "\n")  # after every piece
         write_summary(out)
-    print(f"done in {session['elapsed_s']:.0f} s of {budget:.0f}; tables in {out / 'summary.md'}, logs in {out / 'logs'}")
+    print(
+        f"done in {session['elapsed_s']:.0f} s of {budget:.0f}; tables in {out / 'summary.md'}, logs in {out / 'logs'}"
+    )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class Timer:
             finally:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
+
         return timed
 
 
@@ -84,8 +85,10 @@ class TimedLoader:
 def timed_loop_run(run: RunConfig) -> dict:
     """Run the real train.py job (training/pretrain.py -> run_training -> run_loop) with timers around the parts
     the loop calls; returns seconds by part, the batches it consumed and its model/optimizer/loss."""
-    timers = {name: Timer() for name in ("data", "logging", "eval", "checkpoint", "train_step", "optimizer_step",
-                                         "count_masked")}
+    timers = {
+        name: Timer()
+        for name in ("data", "logging", "eval", "checkpoint", "train_step", "optimizer_step", "count_masked")
+    }
     seen: dict = {"batches": []}
 
     def instrumented_run_loop(parts, cfg):
@@ -109,12 +112,27 @@ def timed_loop_run(run: RunConfig) -> dict:
     try:
         pretrain(run, init_distributed(run.training.device))
     finally:
-        training.run.run_loop, training.loop.train_step, training.step.count_masked = run_loop, train_step, count_masked
-    return {**seen, **{name: t.seconds for name, t in timers.items()},
-            "eval_calls": timers["eval"].calls, "checkpoint_calls": timers["checkpoint"].calls}
+        training.run.run_loop, training.loop.train_step, training.step.count_masked = (
+            run_loop,
+            train_step,
+            count_masked,
+        )
+    return {
+        **seen,
+        **{name: t.seconds for name, t in timers.items()},
+        "eval_calls": timers["eval"].calls,
+        "checkpoint_calls": timers["checkpoint"].calls,
+    }
 
 
-def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: dict, n_masked: int, grad_clip: float) -> None:
+def bare_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batch: dict,
+    n_masked: int,
+    grad_clip: float,
+) -> None:
     """Forward/backward/clip/optimizer.step on a pre-collated batch, nothing else."""
     optimizer.zero_grad(set_to_none=True)
     (loss_fn(model, batch)["loss"] / n_masked).backward()
@@ -122,23 +140,42 @@ def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     optimizer.step()
 
 
-def recipe_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: dict, grad_clip: float) -> None:
+def recipe_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: dict, grad_clip: float
+) -> None:
     """What run_loop does per step inside train_step + optimizer.step (mask count, metrics, finiteness check)."""
-    train_step(model, loss_fn, optimizer, [batch], device=torch.device("cpu"), world_size=1, grad_clip=grad_clip,
-               autocast=contextlib.nullcontext)
+    train_step(
+        model,
+        loss_fn,
+        optimizer,
+        [batch],
+        device=torch.device("cpu"),
+        world_size=1,
+        grad_clip=grad_clip,
+        autocast=contextlib.nullcontext,
+    )
     optimizer.step()
 
 
-def interleaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batches: list[dict], grad_clip: float, rounds: int) -> dict[str, float]:
+def interleaved(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batches: list[dict],
+    grad_clip: float,
+    rounds: int,
+) -> dict[str, float]:
     """Median seconds per step of train_step+optimizer.step vs a bare step, alternating step by step on the same
     batches and model, so machine load hits both alike."""
     times: dict[str, list[float]] = {"recipe": [], "bare": []}
-    steps = {"recipe": lambda b, n: recipe_step(model, optimizer, loss_fn, b, grad_clip),
-             "bare": lambda b, n: bare_step(model, optimizer, loss_fn, b, n, grad_clip)}
+    steps = {
+        "recipe": lambda b, n: recipe_step(model, optimizer, loss_fn, b, grad_clip),
+        "bare": lambda b, n: bare_step(model, optimizer, loss_fn, b, n, grad_clip),
+    }
     for r in range(rounds):
         for i, batch in enumerate(batches):
             n_masked = int((batch["labels"] != -100).sum())
-            for name in (("recipe", "bare") if (r + i) % 2 == 0 else ("bare", "recipe")):
+            for name in ("recipe", "bare") if (r + i) % 2 == 0 else ("bare", "recipe"):
                 start = time.perf_counter()
                 steps[name](batch, n_masked)
                 times[name].append(time.perf_counter() - start)
@@ -149,28 +186,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps per timed run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of the loop (after a warm-up run)")
-    parser.add_argument("--rounds", type=int, default=1, help="passes over the batches for the interleaved timing")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="passes over the batches for the interleaved timing"
+    )
     parser.add_argument("--config", default="l0_sanity", help="hydra_config/<name>.yaml of train.py")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides, e.g. data.num_workers=1")
     args = parser.parse_args()
 
     os.chdir(ROOT)  # relative paths of the config (built-in corpus) resolve as for train.py run from the repo
     workdir = Path(tempfile.mkdtemp(prefix="loop_overhead_"))
-    base = compose_run(args.config, [f"output_dir={workdir}"])  # the schedule whose eval/checkpoint cost is amortized below
+    base = compose_run(
+        args.config, [f"output_dir={workdir}"]
+    )  # the schedule whose eval/checkpoint cost is amortized below
 
     def one_run(tag: str) -> dict:
         # Checkpoint and eval intervals beyond --steps: they then run once, at the last step, timed apart.
-        run = compose_run(args.config, [
-            f"output_dir={workdir / tag}", f"training.num_train_steps={args.steps}",
-            f"training.warmup_steps={min(base.training.warmup_steps, args.steps // 2)}",
-            f"checkpoint.every_steps={args.steps * 10}", f"eval.every_steps={args.steps * 10}",
-            "logging.plot=false", *args.overrides])
+        run = compose_run(
+            args.config,
+            [
+                f"output_dir={workdir / tag}",
+                f"training.num_train_steps={args.steps}",
+                f"training.warmup_steps={min(base.training.warmup_steps, args.steps // 2)}",
+                f"checkpoint.every_steps={args.steps * 10}",
+                f"eval.every_steps={args.steps * 10}",
+                "logging.plot=false",
+                *args.overrides,
+            ],
+        )
         return timed_loop_run(run)
 
-    print(f"config {args.config} {' '.join(args.overrides)}: {args.steps} steps per run, model "
-          f"{base.model['num_hidden_layers']}x{base.model['hidden_size']}, data.max_tokens={base.data.max_tokens}, "
-          f"num_workers={base.data.num_workers}, log_every={base.logging.log_every}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"config {args.config} {' '.join(args.overrides)}: {args.steps} steps per run, model "
+        f"{base.model['num_hidden_layers']}x{base.model['hidden_size']}, data.max_tokens={base.data.max_tokens}, "
+        f"num_workers={base.data.num_workers}, log_every={base.logging.log_every}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     warm = one_run("warmup")  # first run pays allocator and kernel warm-up; its batches are replayed below
     batches, grad_clip = warm["batches"], base.training.grad_clip
     model, optimizer, loss_fn = warm["model"], warm["optimizer"], warm["loss_fn"]
@@ -203,21 +253,35 @@ def main() -> None:
         ("    rest of loop body", outside_ms - data_ms - log_ms, "meter, scheduler, preemption check"),
         ("  count_masked (in train_step)", count_ms, f"{count_ms / loop_ms:.1%} (mask count + all-reduce)"),
         ("overhead, measured inside runs", direct, f"{direct / loop_ms:.1%} of loop step (target <= 5%)"),
-        ("train_step+opt.step, interleaved", paired["recipe"] * 1e3, "median, alternating step by step with:"),
+        (
+            "train_step+opt.step, interleaved",
+            paired["recipe"] * 1e3,
+            "median, alternating step by step with:",
+        ),
         ("bare fwd/bwd/clip/opt.step", paired["bare"] * 1e3, "same batches and model"),
-        ("  train_step's own extra", extra_ms, f"{extra_ms / (paired['recipe'] * 1e3):.1%} (mask count, metrics, "
-         "finiteness; noise when negative)"),
-        ("overhead total", outside_ms + extra_ms,
-         f"{(outside_ms + extra_ms) / loop_ms:.1%} of loop step = loop body + train_step's extra (target <= 5%)"),
+        (
+            "  train_step's own extra",
+            extra_ms,
+            f"{extra_ms / (paired['recipe'] * 1e3):.1%} (mask count, metrics, "
+            "finiteness; noise when negative)",
+        ),
+        (
+            "overhead total",
+            outside_ms + extra_ms,
+            f"{(outside_ms + extra_ms) / loop_ms:.1%} of loop step = loop body + train_step's extra (target <= 5%)",
+        ),
         ("one held-out eval", eval_s * 1e3, f"every {base.eval.every_steps} steps"),
         ("one checkpoint save", ckpt_s * 1e3, f"every {base.checkpoint.every_steps} steps"),
-        ("eval+ckpt amortized", sched_ms, f"{sched_ms / (loop_ms + sched_ms):.1%} of step at {args.config}'s schedule"),
+        (
+            "eval+ckpt amortized",
+            sched_ms,
+            f"{sched_ms / (loop_ms + sched_ms):.1%} of step at {args.config}'s schedule",
+        ),
     ]
     print(f"{'part':<36}{'ms/step':>10}  note")
     for name, ms, note in rows:
         print(f"{name:<36}{ms:>10.2f}  {note}")
-    print("runs (ms/step): loop " + ", ".join(f"{x / args.steps * 1e3:.1f}" for x in loop_steps)
-)
+    print("runs (ms/step): loop " + ", ".join(f"{x / args.steps * 1e3:.1f}" for x in loop_steps))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ def make_batch(cells: int, seq_len: int, vocab: int, mask_prob: float) -> dict[s
     ids = ids * attention_mask
     chosen = (torch.rand(ids.shape, generator=g) < mask_prob) & attention_mask.bool()
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    return {"input_ids": torch.where(chosen, torch.ones_like(ids), ids), "attention_mask": attention_mask,
-            "labels": labels}
+    return {
+        "input_ids": torch.where(chosen, torch.ones_like(ids), ids),
+        "attention_mask": attention_mask,
+        "labels": labels,
+    }
 
 
 def step_ours(model: BertForMaskedLM, batch: dict[str, torch.Tensor]) -> None:
@@ -47,7 +50,9 @@ def step_stock(model: transformers.BertForMaskedLM, batch: dict[str, torch.Tenso
     model(**batch).loss.backward()
 
 
-def time_steps(models: dict[str, tuple[torch.nn.Module, Step]], batch: dict, repeats: int) -> dict[str, list[float]]:
+def time_steps(
+    models: dict[str, tuple[torch.nn.Module, Step]], batch: dict, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per forward+backward, the models interleaved repeat by repeat so machine load hits both alike."""
     times: dict[str, list[float]] = {name: [] for name in models}
     for model, step in models.values():  # warm-up: kernel selection, lazy allocations
@@ -103,9 +108,14 @@ def main() -> None:
     stock.load_state_dict(ours.stock_state_dict(), strict=False)
     batch = make_batch(args.cells, args.seq_len, fields["vocab_size"], args.mask_prob)
     n_masked = int((batch["labels"] != -100).sum())
-    print(f"10m config, {args.cells} cells padded to {args.seq_len} tokens, {n_masked} masked tokens, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, dropout on (train mode)")
-    models = {"ours (masked-only head)": (ours, step_ours), "stock HF (sdpa, full logits)": (stock, step_stock)}
+    print(
+        f"10m config, {args.cells} cells padded to {args.seq_len} tokens, {n_masked} masked tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, dropout on (train mode)"
+    )
+    models = {
+        "ours (masked-only head)": (ours, step_ours),
+        "stock HF (sdpa, full logits)": (stock, step_stock),
+    }
     # Peak RSS first, ours before stock: the high-water mark only grows, so stock's step can only raise it.
     rss_base = peak_rss_mib()
     step_ours(ours, batch)
@@ -117,13 +127,20 @@ def main() -> None:
     times = time_steps(models, batch, args.repeats)
     saved = {name: saved_activation_bytes(model, step, batch) for name, (model, step) in models.items()}
     for name, values in times.items():
-        print(f"{name:>28}: median {statistics.median(values) * 1e3:8.1f} ms (min {min(values) * 1e3:.1f}, "
-              f"max {max(values) * 1e3:.1f}, n={len(values)}); saved for backward {saved[name] / 2**20:7.1f} MiB")
+        print(
+            f"{name:>28}: median {statistics.median(values) * 1e3:8.1f} ms (min {min(values) * 1e3:.1f}, "
+            f"max {max(values) * 1e3:.1f}, n={len(values)}); saved for backward {saved[name] / 2**20:7.1f} MiB"
+        )
     ours_name, stock_name = list(models)
     ratio = statistics.median(times[ours_name]) / statistics.median(times[stock_name])
-    print(f"time ratio ours/stock (medians): {ratio:.2f}x; saved-activation ratio: {saved[ours_name] / saved[stock_name]:.2f}x")
-    print(f"process peak RSS: {rss_base:.0f} MiB before any step, {rss_ours:.0f} MiB after ours, "
-          f"{rss_stock:.0f} MiB after stock (stock's step raised the high-water mark by {rss_stock - rss_ours:.0f} MiB)")
+    print(
+        f"time ratio ours/stock (medians): {ratio:.2f}x; saved-activation ratio: {saved[ours_name] / saved[stock_name]:.2f}x"
+    )
+    print(
+        f"process peak RSS: {rss_base:.0f} MiB before any step, {rss_ours:.0f} MiB after ours, "
+        f"{rss_stock:.0f} MiB after stock (stock's step raised the high-water mark by {rss_stock - rss_ours:.0f} MiB)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -29,19 +29,25 @@ def main() -> None:
     cells = bench.load_cells(str(bench.ROOT / "outputs" / "builtin_corpus"), 2048)
     batches = bench.budget_batches(cells, args.warmup + args.steps, args.max_tokens, opts["packed"])
     model = bench.ours_model(bench.model_config(args.model, 2048), opts, tokens=args.max_tokens)
-    step = bench.recipe_step(model, masked_lm_loss, build_optimizer(model, TrainingConfig(), bench.GPU),
-                             bench.mode_autocast(opts, "delayed"))
-    for batch in batches[:args.warmup]:
+    step = bench.recipe_step(
+        model,
+        masked_lm_loss,
+        build_optimizer(model, TrainingConfig(), bench.GPU),
+        bench.mode_autocast(opts, "delayed"),
+    )
+    for batch in batches[: args.warmup]:
         step(batch)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for batch in batches[args.warmup:]:
+        for batch in batches[args.warmup :]:
             step(batch)
         torch.cuda.synchronize()
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     cpu_total = prof.profiler.self_cpu_time_total / 1e3 / args.steps
-    print(f"{args.model} {args.mode}: {cuda_total:.1f} ms GPU kernel time, {cpu_total:.1f} ms CPU op time per step")
+    print(
+        f"{args.model} {args.mode}: {cuda_total:.1f} ms GPU kernel time, {cpu_total:.1f} ms CPU op time per step"
+    )
     print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))
 
 

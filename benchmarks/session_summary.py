@@ -10,15 +10,19 @@ from pathlib import Path
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or value != value else format(value, spec)  # value != value: NaN (a failed mode)
+    return (
+        "-" if value is None or value != value else format(value, spec)
+    )  # value != value: NaN (a failed mode)
 
 
 def throughput_rows(path: Path) -> list[str]:
     rows = []
     for r in json.loads(path.read_text())["results"]:
         share = _fmt(r.get("teacher_share"), ".0%") if r.get("teacher_share") is not None else ""
-        rows.append(f"| {r['part']} | {r['mode']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['step_ms'], '.1f')} "
-                    f"| {_fmt(r['peak_gib'], '.2f')} | {_fmt(r['mfu'], '.1%')} | {share} | {r['note']} |")
+        rows.append(
+            f"| {r['part']} | {r['mode']} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['step_ms'], '.1f')} "
+            f"| {_fmt(r['peak_gib'], '.2f')} | {_fmt(r['mfu'], '.1%')} | {share} | {r['note']} |"
+        )
     return rows
 
 
@@ -37,31 +41,58 @@ def quality_rows(folder: Path) -> list[str]:
     rows = []
     for summary in sorted(folder.glob("*/summary.json")):
         s = json.loads(summary.read_text())
-        rows.append(f"| {summary.parent.name} | {s['teacher_accuracy']:.4f} | {s['distilled_accuracy']:.4f} "
-                    f"| {s['mlm_only_accuracy']:.4f} | {s['distilled_accuracy'] / max(s['teacher_accuracy'], 1e-12):.3f} |")
+        rows.append(
+            f"| {summary.parent.name} | {s['teacher_accuracy']:.4f} | {s['distilled_accuracy']:.4f} "
+            f"| {s['mlm_only_accuracy']:.4f} | {s['distilled_accuracy'] / max(s['teacher_accuracy'], 1e-12):.3f} |"
+        )
     return rows
 
 
 def summary_markdown(out: Path) -> str:
     session = json.loads((out / "session.json").read_text()) if (out / "session.json").is_file() else {}
-    lines = [f"# GPU session {session.get('started', '')}", "", "```", json.dumps(session.get("environment", {}),
-             indent=1), "```", "", "| piece | status | seconds |", "|---|---|---:|"]
+    lines = [
+        f"# GPU session {session.get('started', '')}",
+        "",
+        "```",
+        json.dumps(session.get("environment", {}), indent=1),
+        "```",
+        "",
+        "| piece | status | seconds |",
+        "|---|---|---:|",
+    ]
     lines += [f"| {p['name']} | {p['status']} | {p.get('seconds', '')} |" for p in session.get("pieces", [])]
-    order = [p["name"] for p in session.get("pieces", [])]  # the session's order: pretraining, distillation, 106m
-    throughput = sorted((f for f in (out / "figures").glob("*.json") if not f.name.startswith("fp8_layers")),
-                        key=lambda f: order.index(f.stem) if f.stem in order else len(order))
+    order = [
+        p["name"] for p in session.get("pieces", [])
+    ]  # the session's order: pretraining, distillation, 106m
+    throughput = sorted(
+        (f for f in (out / "figures").glob("*.json") if not f.name.startswith("fp8_layers")),
+        key=lambda f: order.index(f.stem) if f.stem in order else len(order),
+    )
     if throughput:
-        lines += ["", "| part | mode | real tokens/s | step ms | peak GiB | MFU | teacher | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| part | mode | real tokens/s | step ms | peak GiB | MFU | teacher | note |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for path in throughput:
             lines += throughput_rows(path)
     for path in sorted((out / "figures").glob("fp8_layers*.json")):
-        lines += ["", f"{path.stem}: {json.loads(path.read_text())['args']}", "",
-                  "| variant | ms / step | vs bf16 | FP8 linears |", "|---|---:|---:|---:|", *fp8_layer_rows(path)]
+        lines += [
+            "",
+            f"{path.stem}: {json.loads(path.read_text())['args']}",
+            "",
+            "| variant | ms / step | vs bf16 | FP8 linears |",
+            "|---|---:|---:|---:|",
+            *fp8_layer_rows(path),
+        ]
     quality = quality_rows(out / "quality")
     if quality:
-        lines += ["", "| run | teacher acc | distilled acc | masked-LM only acc | distilled / teacher |",
-                  "|---|---:|---:|---:|---:|", *quality]
+        lines += [
+            "",
+            "| run | teacher acc | distilled acc | masked-LM only acc | distilled / teacher |",
+            "|---|---:|---:|---:|---:|",
+            *quality,
+        ]
     pytest_log = out / "logs" / "pytest_gpu.log"
     if pytest_log.is_file():
         tail = [line for line in pytest_log.read_text().splitlines() if line.strip()][-1:]

@@ -39,8 +39,10 @@ def write_counts(path: Path, n_cells: int, n_genes: int, genes_per_cell: tuple[i
     data = (rng.geometric(0.45, indptr[-1])).astype(np.float32)
     matrix = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
     var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(n_genes)])
-    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK", "Mono"], n_cells)},
-                       index=[f"cell{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"cell_type": rng.choice(["T", "B", "NK", "Mono"], n_cells)},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
     ad.AnnData(X=matrix, obs=obs, var=var).write_h5ad(path)
 
 
@@ -50,7 +52,9 @@ def write_tables(directory: Path, n_genes: int, seed: int) -> tuple[Path, Path]:
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(["<pad>", "<mask>", *genes]) + "\n")
     medians = directory / "medians.tsv"
-    medians.write_text("".join(f"{g}\t{float(m)!r}\n" for g, m in zip(genes, rng.lognormal(0.5, 0.6, n_genes), strict=True)))
+    medians.write_text(
+        "".join(f"{g}\t{float(m)!r}\n" for g, m in zip(genes, rng.lognormal(0.5, 0.6, n_genes), strict=True))
+    )
     return vocab, medians
 
 
@@ -101,8 +105,12 @@ def csv_header_figures(path: Path) -> dict:
     header = pd.read_csv(path, index_col=0, nrows=0)
     pandas_s = time.perf_counter() - started
     assert list(header.columns) == source.gene_names or header.columns.has_duplicates
-    return {"csv": str(path), "genes": len(source.gene_names), "open_counts_s": round(reader_s, 4),
-            "pandas_nrows0_s": round(pandas_s, 2)}
+    return {
+        "csv": str(path),
+        "genes": len(source.gene_names),
+        "open_counts_s": round(reader_s, 4),
+        "pandas_nrows0_s": round(pandas_s, 2),
+    }
 
 
 def main() -> None:
@@ -111,7 +119,9 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--chunk-sizes", default="256,1024,4096")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--input", type=Path, help="reuse (or create once) this .h5ad instead of a temporary one")
+    parser.add_argument(
+        "--input", type=Path, help="reuse (or create once) this .h5ad instead of a temporary one"
+    )
     parser.add_argument("--csv", type=Path, help="CSV for the header figure (default: celltypist's sample)")
     parser.add_argument("--csv-only", action="store_true", help="only the CSV header figure")
     args = parser.parse_args()

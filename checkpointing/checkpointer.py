@@ -55,12 +55,18 @@ class TrainState:
         return {
             "model": model_sd,
             "optim": optim_sd,
-            "extra": {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()},
+            "extra": {
+                "step": self.step,
+                "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(),
+            },
             f"rng_rank{rank}": _rng_state(),
         }
 
     def from_checkpoint(self, state: dict, rank: int) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
         extra = state["extra"]
         self.step = int(extra["step"])
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -92,7 +98,7 @@ def step_dir_name(step: int) -> str:
 
 
 def _parse_step(path: Path) -> int | None:
-    suffix = path.name[len(STEP_PREFIX):]
+    suffix = path.name[len(STEP_PREFIX) :]
     return int(suffix) if path.name.startswith(STEP_PREFIX) and suffix.isdigit() else None
 
 
@@ -121,8 +127,16 @@ def committed_checkpoints(root: Path) -> tuple[list[tuple[int, Path]], list[str]
 class Checkpointer:
     """Writes committed checkpoints every N steps, keeps the last k, and resumes from the newest usable one."""
 
-    def __init__(self, root: str | Path, *, rank: int, keep_last: int = 3, async_save: bool = False,
-                 meta: dict | None = None, allow_changed_run: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        rank: int,
+        keep_last: int = 3,
+        async_save: bool = False,
+        meta: dict | None = None,
+        allow_changed_run: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.allow_changed_run = allow_changed_run
         self.rank = rank
@@ -148,8 +162,9 @@ class Checkpointer:
             payload = state.to_checkpoint(self.rank)
             writer = ChecksummingWriter(directory)
             if self.async_save:
-                future = dcp.async_save(payload, checkpoint_id=str(directory), storage_writer=writer,
-                                        process_group=self._group)
+                future = dcp.async_save(
+                    payload, checkpoint_id=str(directory), storage_writer=writer, process_group=self._group
+                )
                 self._pending = (future, state.step, directory, writer)
             else:
                 dcp.save(payload, checkpoint_id=str(directory), storage_writer=writer)
@@ -169,9 +184,15 @@ class Checkpointer:
     def _commit(self, step: int, directory: Path, written: dict[str, str]) -> None:
         barrier()  # every rank's shards are on disk before rank 0 publishes the manifest
         # Each rank's writer summed its files while writing them; anything it could not sum is read back here.
-        own = {p.name: written.get(p.name) or file_crc32c(p)
-               for p in sorted(directory.glob(f"__{self.rank}_*")) if p.is_file()}
-        checksums = {**written, **{name: crc for part in all_gather_objects(own) for name, crc in part.items()}}
+        own = {
+            p.name: written.get(p.name) or file_crc32c(p)
+            for p in sorted(directory.glob(f"__{self.rank}_*"))
+            if p.is_file()
+        }
+        checksums = {
+            **written,
+            **{name: crc for part in all_gather_objects(own) for name, crc in part.items()},
+        }
         if self.rank == 0:
             write_manifest(directory, step, {**self.meta, "world_size": _world_size()}, checksums)
             self._prune()
@@ -180,7 +201,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         good, _ = committed_checkpoints(self.root)
-        for _, path in good[self.keep_last:]:
+        for _, path in good[self.keep_last :]:
             shutil.rmtree(path)
 
     # --- resuming ---------------------------------------------------------------------------------
@@ -206,7 +227,8 @@ class Checkpointer:
             return step
         if failures:
             raise NoUsableCheckpointError(
-                f"{self.root} holds checkpoints but none is complete and readable:\n  " + "\n  ".join(failures)
+                f"{self.root} holds checkpoints but none is complete and readable:\n  "
+                + "\n  ".join(failures)
                 + "\nNothing was deleted. Fix or move these directories away, or point checkpoint.dir elsewhere "
                 "to start a new run."
             )
@@ -223,7 +245,7 @@ class Checkpointer:
         """Every file's checksum, verified before loading; the ranks share the reading."""
         files = read_manifest(directory)["files"] if self.rank == 0 else None
         files = broadcast_object(files)
-        names = sorted(files)[self.rank::_world_size()]
+        names = sorted(files)[self.rank :: _world_size()]
         return [p for part in all_gather_objects(checksum_problems(directory, files, names)) for p in part]
 
     def _load(self, state: TrainState, directory: Path) -> None:

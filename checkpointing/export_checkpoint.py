@@ -1,6 +1,6 @@
 """Export any committed training checkpoint as a stock-loadable model directory, on one CPU process.
 
-    python -m checkpointing.export_checkpoint outputs/10m/checkpoints/step_00001000 --out my_model
+python -m checkpointing.export_checkpoint outputs/10m/checkpoints/step_00001000 --out my_model
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, overwr
         raise ValueError(f"{checkpoint_dir}: " + "; ".join(problems) + "; export an earlier step_N directory")
     meta = record["meta"]
     if "model_config" not in meta:
-        raise ValueError(f"{checkpoint_dir}: the manifest records no model_config; was it written by this recipe?")
+        raise ValueError(
+            f"{checkpoint_dir}: the manifest records no model_config; was it written by this recipe?"
+        )
     config = BertTEConfig(**{k: v for k, v in meta["model_config"].items() if k not in ("model_type",)})
     model = BertForMaskedLM(config)
     prefix = meta.get("export_prefix", "")
     weights = {f"model.{prefix}{k}": v for k, v in model.state_dict().items()}
     dcp.load(weights, checkpoint_id=str(checkpoint_dir))
-    state = {k[len("model.") + len(prefix):]: v for k, v in weights.items()}
+    state = {k[len("model.") + len(prefix) :]: v for k, v in weights.items()}
     vocab_file = Path(meta.get("vocab_tokens_file", ""))
     vocab = Vocabulary.load(vocab_file) if vocab_file.is_file() else None
     return export_model_dir(state, config, Path(out_dir), vocab, overwrite=overwrite)

@@ -21,8 +21,11 @@ def write_manifest(directory: Path, step: int, meta: dict, checksums: dict[str, 
     `checksums`: those already computed (each rank sums its own shards); the rest are computed here.
     """
     known = checksums or {}
-    files = {p.name: {"size": p.stat().st_size, CHECKSUM_ALGORITHM: known.get(p.name) or file_crc32c(p)}
-             for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {
+        p.name: {"size": p.stat().st_size, CHECKSUM_ALGORITHM: known.get(p.name) or file_crc32c(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
     record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, "meta": meta}
     tmp = directory / (MANIFEST_NAME + ".tmp")
     with tmp.open("w") as handle:
@@ -54,7 +57,10 @@ def read_manifest(directory: Path) -> dict:
         raise ValueError(f"{directory}: incomplete, no {MANIFEST_NAME} (the save never finished)")
     try:
         record = json.loads(path.read_text())
-        files, step = {name: _entry(value) for name, value in dict(record["files"]).items()}, int(record["step"])
+        files, step = (
+            {name: _entry(value) for name, value in dict(record["files"]).items()},
+            int(record["step"]),
+        )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: unreadable manifest ({error})") from error
     problems = _file_problems(directory, files)
@@ -75,7 +81,9 @@ def _file_problems(directory: Path, files: dict[str, dict]) -> list[str]:
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != entry["size"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)")
+            problems.append(
+                f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
+            )
     present = {p.name for p in directory.iterdir()} - {MANIFEST_NAME}
     foreign = sorted(present - set(files))
     if foreign:

@@ -24,8 +24,11 @@ def check_same_run(directory: Path, saved_meta: dict, current_meta: dict, *, all
     saved, current = saved_meta.get(IDENTITY_KEY), current_meta.get(IDENTITY_KEY)
     if saved is None or current is None:
         return  # written before identities were recorded, or a caller that records none
-    changed = [(key, saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
-               if saved.get(key) != current.get(key)]
+    changed = [
+        (key, saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
     described = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changed)
     if changed and not allow_changed:
         raise RunChangedError(
@@ -33,8 +36,11 @@ def check_same_run(directory: Path, saved_meta: dict, current_meta: dict, *, all
             "or checkpoint.allow_changed_run=true to resume these checkpoints with the change"
         )
     if changed:
-        log.warning("resuming %s with changed run settings (checkpoint.allow_changed_run=true): %s",
-                    directory, described)
+        log.warning(
+            "resuming %s with changed run settings (checkpoint.allow_changed_run=true): %s",
+            directory,
+            described,
+        )
     _log_resumable_changes(directory, saved_meta.get(RESUMABLE_KEY, {}), current_meta.get(RESUMABLE_KEY, {}))
 
 

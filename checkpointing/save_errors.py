@@ -65,8 +65,9 @@ def write_failure_cause(error: BaseException, directory: Path) -> str:
 
 def _per_rank_causes(error: BaseException, directory: Path) -> str:
     if isinstance(error, CheckpointException):
-        return "; ".join(f"rank {rank}: {write_failure_cause(exc, directory)}"
-                         for rank, (exc, _) in error.failures.items())
+        return "; ".join(
+            f"rank {rank}: {write_failure_cause(exc, directory)}" for rank, (exc, _) in error.failures.items()
+        )
     return write_failure_cause(error, directory)
 
 
@@ -81,7 +82,9 @@ def save_errors_named(directory: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, CheckpointException) as error:
-        if isinstance(error, RecipeError) or (isinstance(error, RuntimeError) and not _is_write_failure(error, directory)):
+        if isinstance(error, RecipeError) or (
+            isinstance(error, RuntimeError) and not _is_write_failure(error, directory)
+        ):
             raise
         raise CheckpointSaveError(
             f"could not write checkpoint {directory} ({_per_rank_causes(error, directory)}). It is not committed, "

@@ -46,35 +46,49 @@ class FrequencyBaselines:
         guess = np.full(len(ranks), -1, dtype=np.int64)
         known = ranks < len(self.by_rank)
         guess[known] = self.by_rank[ranks[known]]
-        return np.array([len(genes), np.count_nonzero(genes == self.unigram), np.count_nonzero(genes == guess)],
-                        dtype=np.float64)
+        return np.array(
+            [len(genes), np.count_nonzero(genes == self.unigram), np.count_nonzero(genes == guess)],
+            dtype=np.float64,
+        )
 
     def metrics(self, hits: np.ndarray) -> dict[str, dict[str, float]]:
         """Per-baseline metrics from summed `batch_hits`, keyed like a model's column of the side-by-side table."""
         n, unigram, by_rank = hits.tolist()
         if n == 0:
-            raise ValueError("the held-out split has no masked token to score; raise data.heldout_fraction or "
-                             "eval.max_cells (or data.mask_prob)")
-        return {"unigram": {"accuracy": unigram / n}, "rank_position": {"accuracy": by_rank / n},
-                "uniform": {"loss": self.uniform_loss, "perplexity": float(self.vocab_size)}}
+            raise ValueError(
+                "the held-out split has no masked token to score; raise data.heldout_fraction or "
+                "eval.max_cells (or data.mask_prob)"
+            )
+        return {
+            "unigram": {"accuracy": unigram / n},
+            "rank_position": {"accuracy": by_rank / n},
+            "uniform": {"loss": self.uniform_loss, "perplexity": float(self.vocab_size)},
+        }
 
 
-def count_baselines(corpus: CellCorpus, train_idx: np.ndarray, special_ids: list[int] | tuple[int, ...],
-                    ) -> FrequencyBaselines:
+def count_baselines(
+    corpus: CellCorpus,
+    train_idx: np.ndarray,
+    special_ids: list[int] | tuple[int, ...],
+) -> FrequencyBaselines:
     """Counts (rank, gene) over the training cells' first `corpus.max_length` tokens, special tokens excluded
     (they are never masked). Reads the index's flat token file in chunks of consecutive cells."""
     if len(train_idx) == 0:
-        raise ValueError("no training cells to count baselines from; lower data.heldout_fraction or use more cells")
+        raise ValueError(
+            "no training cells to count baselines from; lower data.heldout_fraction or use more cells"
+        )
     n_ranks, vocab = int(corpus.lengths.max()), corpus.vocab_size
-    counts = np.zeros((n_ranks, vocab), dtype=np.int32)  # 200 MB at 2,048 ranks x 25k genes, whatever the corpus
+    counts = np.zeros(
+        (n_ranks, vocab), dtype=np.int32
+    )  # 200 MB at 2,048 ranks x 25k genes, whatever the corpus
     tokens = np.memmap(corpus.index_dir / "tokens.bin", dtype=corpus.meta["token_dtype"], mode="r")
     offsets = np.memmap(corpus.index_dir / "offsets.bin", dtype=np.int64, mode="r")
     is_train = np.zeros(len(corpus), dtype=bool)
     is_train[train_idx] = True
     special = np.asarray(special_ids, dtype=np.int64)
     for a, b in _chunks(np.asarray(offsets), _CHUNK_TOKENS):
-        lengths = np.diff(offsets[a:b + 1]).astype(np.int64)
-        flat = np.asarray(tokens[offsets[a]:offsets[b]], dtype=np.int64)
+        lengths = np.diff(offsets[a : b + 1]).astype(np.int64)
+        flat = np.asarray(tokens[offsets[a] : offsets[b]], dtype=np.int64)
         ranks = np.arange(len(flat)) - np.repeat(offsets[a:b] - offsets[a], lengths)
         keep = np.repeat(is_train[a:b], lengths) & (ranks < corpus.max_length) & ~np.isin(flat, special)
         keys, n = np.unique(ranks[keep] * vocab + flat[keep], return_counts=True)
@@ -95,8 +109,11 @@ def _chunks(offsets: np.ndarray, budget: int):
         a = b
 
 
-def cached_baselines(corpus: CellCorpus, train_idx: np.ndarray, special_ids: list[int] | tuple[int, ...],
-                     ) -> FrequencyBaselines:
+def cached_baselines(
+    corpus: CellCorpus,
+    train_idx: np.ndarray,
+    special_ids: list[int] | tuple[int, ...],
+) -> FrequencyBaselines:
     """`count_baselines`, cached beside the corpus index and keyed by the training cells and max_length."""
     key = hashlib.sha1(np.asarray(train_idx, dtype=np.int64).tobytes())
     key.update(f"{corpus.max_length}:{corpus.vocab_size}:{sorted(special_ids)}".encode())

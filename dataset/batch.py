@@ -17,8 +17,12 @@ def packed_kwargs(batch: dict) -> dict:
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor | int | None]:
     """The masked-LM forward arguments of a collated batch (padded or packed)."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
-            "labels": batch["labels"], **packed_kwargs(batch)}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "labels": batch["labels"],
+        **packed_kwargs(batch),
+    }
 
 
 def labelled_rows(masked_labels: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,12 @@ def _programs(rng: np.random.Generator, n_types: int, first_gene: int, vocab_siz
     gene_weight = -GENE_SPREAD * np.sort(rng.random((n_modules, MODULE_SIZE)), axis=1)
     housekeeping = np.arange(HOUSEKEEPING_MODULES)
     background = HOUSEKEEPING_MODULES + n_types * TYPE_MODULES + np.arange(BACKGROUND_MODULES)
-    level_bg = TOP_LEVEL - LEVEL_STEP * (HOUSEKEEPING_MODULES + TYPE_MODULES) - 1.0 + rng.normal(0.0, 0.3, BACKGROUND_MODULES)
+    level_bg = (
+        TOP_LEVEL
+        - LEVEL_STEP * (HOUSEKEEPING_MODULES + TYPE_MODULES)
+        - 1.0
+        + rng.normal(0.0, 0.3, BACKGROUND_MODULES)
+    )
     rows = []
     for t in range(n_types):
         own = HOUSEKEEPING_MODULES + t * TYPE_MODULES + np.arange(TYPE_MODULES)
@@ -87,22 +92,29 @@ def _programs(rng: np.random.Generator, n_types: int, first_gene: int, vocab_siz
     expand = lambda a: np.repeat(a, MODULE_SIZE, axis=-1)  # noqa: E731  module -> its genes' columns
     return _Programs(
         genes=module_genes[mods].reshape(n_types, -1),
-        base=(expand(np.stack([r[1] for r in rows])) + gene_weight[mods].reshape(n_types, -1)).astype(np.float32),
+        base=(expand(np.stack([r[1] for r in rows])) + gene_weight[mods].reshape(n_types, -1)).astype(
+            np.float32
+        ),
         module=expand(mods),
         state_boost=expand(np.stack([r[2] for r in rows])).astype(np.float32),
-        outside=genes[n_modules * MODULE_SIZE:],
+        outside=genes[n_modules * MODULE_SIZE :],
     )
 
 
-def _cells(rng: np.random.Generator, programs: _Programs, types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _cells(
+    rng: np.random.Generator, programs: _Programs, types: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
     """Flat token ids of cells: each cell's genes ranked by its sampled expression, top `length` kept."""
     n_cells, width = len(types), programs.genes.shape[1]
     n_modules = int(programs.module.max()) + 1
     states = rng.integers(0, STATES_PER_TYPE, size=n_cells)
     module_factor = rng.normal(0.0, MODULE_NOISE, size=(n_cells, n_modules)).astype(np.float32)
-    expression = (programs.base[types] + programs.state_boost[types, states]
-                  + np.take_along_axis(module_factor, programs.module[types], axis=1)
-                  + rng.normal(0.0, GENE_NOISE, size=(n_cells, width)).astype(np.float32))
+    expression = (
+        programs.base[types]
+        + programs.state_boost[types, states]
+        + np.take_along_axis(module_factor, programs.module[types], axis=1)
+        + rng.normal(0.0, GENE_NOISE, size=(n_cells, width)).astype(np.float32)
+    )
     order = np.argsort(-expression, axis=1, kind="stable")
     ranked = np.take_along_axis(programs.genes[types], order, axis=1)
     keep = np.arange(width)[None, :] < lengths[:, None]
@@ -123,12 +135,16 @@ def write_builtin_corpus(
 ) -> Path:
     """Writes `shard-XXXXX.parquet` (input_ids list<int32>, length int32, cell_type string) and vocab.txt."""
     if n_cells < 1 or n_cell_types < 1 or n_shards < 1:
-        raise ValueError(f"n_cells, n_cell_types, n_shards must be >= 1 (got {n_cells}, {n_cell_types}, {n_shards})")
+        raise ValueError(
+            f"n_cells, n_cell_types, n_shards must be >= 1 (got {n_cells}, {n_cell_types}, {n_shards})"
+        )
     vocab = Vocabulary.synthetic(vocab_size)
     n_program_genes = (HOUSEKEEPING_MODULES + n_cell_types * TYPE_MODULES + BACKGROUND_MODULES) * MODULE_SIZE
     if vocab_size - vocab.first_gene_id < n_program_genes + 1000:
-        raise ValueError(f"vocab_size={vocab_size} is too small for {n_cell_types} cell types; "
-                         f"use >= {n_program_genes + 1000 + vocab.first_gene_id} or fewer cell types")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for {n_cell_types} cell types; "
+            f"use >= {n_program_genes + 1000 + vocab.first_gene_id} or fewer cell types"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     programs = _programs(np.random.default_rng(seed), n_cell_types, vocab.first_gene_id, vocab_size)
@@ -136,21 +152,33 @@ def write_builtin_corpus(
     shard_sizes = np.diff(np.linspace(0, n_cells, n_shards + 1).astype(np.int64))
     for s, size in enumerate(shard_sizes):
         shard_rng = np.random.default_rng([seed, s])
-        lengths = np.clip(np.round(shard_rng.lognormal(np.log(MEDIAN_LENGTH), LENGTH_SIGMA, size)),
-                          MIN_LENGTH, MAX_LENGTH).astype(np.int32)
+        lengths = np.clip(
+            np.round(shard_rng.lognormal(np.log(MEDIAN_LENGTH), LENGTH_SIGMA, size)), MIN_LENGTH, MAX_LENGTH
+        ).astype(np.int32)
         types = shard_rng.integers(0, n_cell_types, size=size)
-        tokens = np.concatenate([_cells(shard_rng, programs, types[a:a + 256], lengths[a:a + 256])
-                                 for a in range(0, size, 256)] or [np.zeros(0, np.int64)]).astype(np.int32)
+        tokens = np.concatenate(
+            [
+                _cells(shard_rng, programs, types[a : a + 256], lengths[a : a + 256])
+                for a in range(0, size, 256)
+            ]
+            or [np.zeros(0, np.int64)]
+        ).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        table = pa.table({
-            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
-            "length": pa.array(lengths),
-            "cell_type": pa.array(type_names[types]),
-        })
+        table = pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
+                "length": pa.array(lengths),
+                "cell_type": pa.array(type_names[types]),
+            }
+        )
         pq.write_table(table, out / f"shard-{s:05d}.parquet", row_group_size=16_384)
     vocab.save(out / "vocab.txt")
     return out
-def ensure_builtin_corpus(cache_dir: str | os.PathLike, *, n_cells: int = DEFAULT_CELLS, seed: int = 0, **kwargs) -> Path:
+
+
+def ensure_builtin_corpus(
+    cache_dir: str | os.PathLike, *, n_cells: int = DEFAULT_CELLS, seed: int = 0, **kwargs
+) -> Path:
     """The built-in corpus under cache_dir (named by its size and seed), written once, atomically."""
     cache = Path(cache_dir)
     out = cache / f"builtin_corpus-v{GENERATOR_VERSION}-{n_cells}cells-seed{seed}"
@@ -173,15 +201,18 @@ def ensure_builtin_corpus(cache_dir: str | os.PathLike, *, n_cells: int = DEFAUL
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic built-in cell corpus (parquet shards + vocab.txt).")
+    parser = argparse.ArgumentParser(
+        description="Write the synthetic built-in cell corpus (parquet shards + vocab.txt)."
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="number of cells")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cell-types", type=int, default=N_CELL_TYPES)
     parser.add_argument("--shards", type=int, default=4)
     args = parser.parse_args(argv)
-    out = write_builtin_corpus(args.out, n_cells=args.cells, seed=args.seed,
-                               n_cell_types=args.cell_types, n_shards=args.shards)
+    out = write_builtin_corpus(
+        args.out, n_cells=args.cells, seed=args.seed, n_cell_types=args.cell_types, n_shards=args.shards
+    )
     print(f"wrote {args.cells} cells to {out}")
 
 

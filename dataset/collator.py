@@ -39,7 +39,9 @@ class MLMCollator:
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         if static_shape is not None and not packed:
-            raise ValueError("static shapes are for packed batches; set data.packed=true with training.cuda_graphs")
+            raise ValueError(
+                "static shapes are for packed batches; set data.packed=true with training.cuda_graphs"
+            )
         self.vocab = vocab
         self.mask_prob = mask_prob
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -67,7 +69,9 @@ class MLMCollator:
             return self._packed(input_ids, labels, lengths)
         return self._padded(input_ids, labels, lengths)
 
-    def fixed_masks(self, cells: list[np.ndarray], cell_ids: np.ndarray | list[int]) -> dict[str, torch.Tensor | int]:
+    def fixed_masks(
+        self, cells: list[np.ndarray], cell_ids: np.ndarray | list[int]
+    ) -> dict[str, torch.Tensor | int]:
         """Held-out masks: each cell's mask is a pure function of (seed, its corpus id), so any batching,
         world size or tool scores exactly the same tokens."""
         if len(cells) != len(cell_ids):
@@ -75,9 +79,14 @@ class MLMCollator:
         if not cells:
             raise ValueError("MLMCollator got an empty list of cells")
         lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
-        masked = [self._mask(np.asarray(c, dtype=np.int64), lengths[i:i + 1],
-                             np.random.default_rng([self.seed, int(cell_id)]))
-                  for i, (c, cell_id) in enumerate(zip(cells, cell_ids, strict=True))]
+        masked = [
+            self._mask(
+                np.asarray(c, dtype=np.int64),
+                lengths[i : i + 1],
+                np.random.default_rng([self.seed, int(cell_id)]),
+            )
+            for i, (c, cell_id) in enumerate(zip(cells, cell_ids, strict=True))
+        ]
         input_ids, labels = (np.concatenate(parts) for parts in zip(*masked, strict=True))
         if self.packed:
             return self._packed(input_ids, labels, lengths)
@@ -91,8 +100,10 @@ class MLMCollator:
         n_candidates = np.bincount(cell_of, weights=candidate, minlength=len(lengths)).astype(np.int64)
         if not n_candidates.all():
             bad = int(np.flatnonzero(n_candidates == 0)[0])
-            raise ValueError(f"cell {bad} of the batch has no gene tokens (only special tokens); "
-                             f"drop such cells from the corpus")
+            raise ValueError(
+                f"cell {bad} of the batch has no gene tokens (only special tokens); "
+                f"drop such cells from the corpus"
+            )
         missing = np.flatnonzero(np.bincount(cell_of[selected], minlength=len(lengths)) == 0)
         if len(missing):
             cand_pos = np.flatnonzero(candidate)
@@ -121,8 +132,11 @@ class MLMCollator:
         ids[rows, cols] = input_ids
         lab[rows, cols] = labels
         att[rows, cols] = 1
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
-                "labels": torch.from_numpy(lab)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(att),
+            "labels": torch.from_numpy(lab),
+        }
 
     def _packed(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
         cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)

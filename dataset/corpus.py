@@ -52,9 +52,16 @@ class CellCorpus:
     """
 
     @classmethod
-    def open_on_all_ranks(cls, path: str | os.PathLike, *, is_main: bool, vocab_size: int, max_length: int,
-                          cache_dir: str | os.PathLike | None = None,
-                          ends: tuple[int, int] | None = None) -> CellCorpus:
+    def open_on_all_ranks(
+        cls,
+        path: str | os.PathLike,
+        *,
+        is_main: bool,
+        vocab_size: int,
+        max_length: int,
+        cache_dir: str | os.PathLike | None = None,
+        ends: tuple[int, int] | None = None,
+    ) -> CellCorpus:
         """Rank 0 prepares the index first; the other ranks then open the finished one instead of racing it."""
         kwargs = dict(vocab_size=vocab_size, max_length=max_length, cache_dir=cache_dir, ends=ends)
         corpus = cls(path, **kwargs) if is_main else None
@@ -90,7 +97,11 @@ class CellCorpus:
         if self.n_truncated:
             log.warning(
                 "%s: %d of %d cells are longer than max_length=%d and are truncated to %d tokens%s",
-                self.path, self.n_truncated, len(self), self.max_length, self.max_length,
+                self.path,
+                self.n_truncated,
+                len(self),
+                self.max_length,
+                self.max_length,
                 " (cells wrapped in <cls> ... <eos> keep both; genes are cut in between)" if ends else "",
             )
         self._dtype = np.dtype(self.meta["token_dtype"])
@@ -115,7 +126,9 @@ class CellCorpus:
         start = int(np.frombuffer(os.pread(off_fd, 8, 8 * i), dtype=np.int64)[0])
         count, full = int(self.lengths[i]), int(self.full_lengths[i])
         size = self._dtype.itemsize
-        tokens = np.frombuffer(os.pread(tok_fd, count * size, start * size), dtype=self._dtype).astype(np.int32)
+        tokens = np.frombuffer(os.pread(tok_fd, count * size, start * size), dtype=self._dtype).astype(
+            np.int32
+        )
         if self.ends is None or count == full:
             return tokens
         # The head plus the cell's last token is all truncate_cell looks at: no need to read the genes between.
@@ -181,7 +194,7 @@ class CellCorpus:
         offsets = np.memmap(self.index_dir / "offsets.bin", dtype=np.int64, mode="r")
         chunk = 1 << 24
         for start in range(0, len(tokens), chunk):
-            bad = np.flatnonzero(tokens[start:start + chunk] >= self.vocab_size)
+            bad = np.flatnonzero(tokens[start : start + chunk] >= self.vocab_size)
             if len(bad):
                 pos = start + int(bad[0])
                 cell = int(np.searchsorted(offsets, pos, side="right") - 1)
@@ -199,24 +212,36 @@ def _bad_token_message(f: Path, row: int, token: int, vocab_size: int) -> str:
 
 def _discover_sources(path: Path) -> tuple[str, list[Path]]:
     if not path.exists():
-        raise FileNotFoundError(f"corpus path {path} does not exist; pass a .parquet file, a dir of shards or an Arrow dir")
+        raise FileNotFoundError(
+            f"corpus path {path} does not exist; pass a .parquet file, a dir of shards or an Arrow dir"
+        )
     if path.is_file():
         if path.suffix == ".arrow":
             return "arrow", [path]
         if path.suffix != ".parquet":
-            raise ValueError(f"{path}: unsupported corpus file; pass a .parquet file, a dir of .parquet shards or a HF Arrow dir")
+            raise ValueError(
+                f"{path}: unsupported corpus file; pass a .parquet file, a dir of .parquet shards or a HF Arrow dir"
+            )
         return "parquet", [path]
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        raise ValueError(f"{path} is a DatasetDict; pass one split directory, e.g. {path / (splits[0] if splits else 'train')}")
+        raise ValueError(
+            f"{path} is a DatasetDict; pass one split directory, e.g. {path / (splits[0] if splits else 'train')}"
+        )
     state = path / "state.json"
     if state.exists():
         names = [d["filename"] for d in json.loads(state.read_text()).get("_data_files", [])]
         files = [path / n for n in names] if names else sorted(path.glob("*.arrow"))
         if not files:
-            raise ValueError(f"{path}/state.json lists no Arrow data files; re-save the dataset with save_to_disk")
+            raise ValueError(
+                f"{path}/state.json lists no Arrow data files; re-save the dataset with save_to_disk"
+            )
         return "arrow", files
-    files = sorted(p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*.parquet")
+        if not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if files:
         return "parquet", files
     arrows = sorted(path.glob("*.arrow"))
@@ -246,8 +271,11 @@ def _record_batches(f: Path, fmt: str, columns: list[str]) -> Iterator[pa.Record
         return
     with pa.memory_map(str(f)) as source:
         reader = _open_ipc(source)
-        batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (
-            reader.get_batch(i) for i in range(reader.num_record_batches))
+        batches = (
+            reader
+            if isinstance(reader, pa.ipc.RecordBatchStreamReader)
+            else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        )
         for batch in batches:
             yield batch.select(columns)
 
@@ -261,14 +289,22 @@ def _read_column(f: Path, fmt: str, name: str) -> pa.ChunkedArray:
 def _validate_schema(f: Path, schema: pa.Schema) -> bool:
     """Checks column types; returns whether a `length` column is present."""
     if "input_ids" not in schema.names:
-        raise ValueError(f"{f}: no 'input_ids' column (columns: {schema.names}); tokenize the cells first "
-                         f"(dataset.prepare.tokenize) or rename the token-id column to input_ids")
+        raise ValueError(
+            f"{f}: no 'input_ids' column (columns: {schema.names}); tokenize the cells first "
+            f"(dataset.prepare.tokenize) or rename the token-id column to input_ids"
+        )
     kind = schema.field("input_ids").type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
-        raise ValueError(f"{f}: column 'input_ids' has type {kind}; it must be a list of integers (gene token ids)")
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(
+        kind.value_type
+    ):
+        raise ValueError(
+            f"{f}: column 'input_ids' has type {kind}; it must be a list of integers (gene token ids)"
+        )
     if "length" in schema.names and not pa.types.is_integer(schema.field("length").type):
-        raise ValueError(f"{f}: column 'length' has type {schema.field('length').type}; it must be an integer "
-                         f"(the number of tokens in input_ids)")
+        raise ValueError(
+            f"{f}: column 'length' has type {schema.field('length').type}; it must be an integer "
+            f"(the number of tokens in input_ids)"
+        )
     return "length" in schema.names
 
 
@@ -328,7 +364,9 @@ def _build_index(out: Path, fmt: str, files: list[Path], fingerprint: list, voca
             row0 = 0
             for batch in _record_batches(f, fmt, ["input_ids", "length"] if has_length else ["input_ids"]):
                 ids = batch.column(0)
-                values, lengths = _check_batch(f, row0, ids, batch.column(1) if has_length else None, vocab_size)
+                values, lengths = _check_batch(
+                    f, row0, ids, batch.column(1) if has_length else None, vocab_size
+                )
                 if len(values):
                     lo = int(values.min()) if lo is None else min(lo, int(values.min()))
                     hi = int(values.max()) if hi is None else max(hi, int(values.max()))
@@ -343,9 +381,16 @@ def _build_index(out: Path, fmt: str, files: list[Path], fingerprint: list, voca
         raise ValueError(f"{files[0].parent}: the corpus has no cells")
     np.save(out / "lengths.npy", lengths)
     meta = {
-        "format": INDEX_FORMAT, "source_format": fmt, "fingerprint": fingerprint, "columns": columns,
-        "rows_per_file": rows_per_file, "n_cells": len(lengths), "n_tokens": n_tokens,
-        "min_token": lo, "max_token": hi, "token_dtype": np.dtype(token_dtype).name,
+        "format": INDEX_FORMAT,
+        "source_format": fmt,
+        "fingerprint": fingerprint,
+        "columns": columns,
+        "rows_per_file": rows_per_file,
+        "n_cells": len(lengths),
+        "n_tokens": n_tokens,
+        "min_token": lo,
+        "max_token": hi,
+        "token_dtype": np.dtype(token_dtype).name,
     }
     (out / "meta.json").write_text(json.dumps(meta))
     return meta
@@ -366,8 +411,10 @@ def _check_batch(f: Path, row0: int, ids: pa.Array, length: pa.Array | None, voc
     values = values.to_numpy()
     empty = np.flatnonzero(lengths == 0)
     if len(empty):
-        raise ValueError(f"{f}: row {row0 + int(empty[0])} (0-based) has an empty input_ids "
-                         f"({len(empty)} empty cells in this batch); drop cells without expressed genes")
+        raise ValueError(
+            f"{f}: row {row0 + int(empty[0])} (0-based) has an empty input_ids "
+            f"({len(empty)} empty cells in this batch); drop cells without expressed genes"
+        )
     if len(values):
         bad = np.flatnonzero((values < 0) | (values >= vocab_size))
         if len(bad):
@@ -380,6 +427,8 @@ def _check_batch(f: Path, row0: int, ids: pa.Array, length: pa.Array | None, voc
         mismatch = np.flatnonzero(length.to_numpy() != lengths)
         if len(mismatch):
             k = int(mismatch[0])
-            raise ValueError(f"{f}: row {row0 + k} (0-based) has length {length[k].as_py()} but {lengths[k]} "
-                             f"input_ids; recompute the length column as len(input_ids)")
+            raise ValueError(
+                f"{f}: row {row0 + k} (0-based) has length {length[k].as_py()} but {lengths[k]} "
+                f"input_ids; recompute the length column as len(input_ids)"
+            )
     return values, lengths

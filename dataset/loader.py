@@ -27,7 +27,9 @@ class _BatchReader:
 
     def __getitem__(self, spec: BatchSpec) -> dict:
         epoch, batch_index, next_position, indices = spec
-        batch = self.collator(self.corpus.get_many(indices), epoch=epoch, batch_index=batch_index, rank=self.rank)
+        batch = self.collator(
+            self.corpus.get_many(indices), epoch=epoch, batch_index=batch_index, rank=self.rank
+        )
         batch["cell_index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         batch["epoch"], batch["batch_index"] = epoch, batch_index
         batch["_next_position"] = next_position
@@ -57,7 +59,9 @@ class CellBatchLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if rank != sampler.rank:
-            raise ValueError(f"loader rank {rank} differs from sampler rank {sampler.rank}; pass the same rank")
+            raise ValueError(
+                f"loader rank {rank} differs from sampler rank {sampler.rank}; pass the same rank"
+            )
         self.corpus, self.sampler, self.collator = corpus, sampler, collator
         self.num_workers, self.rank = num_workers, rank
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
@@ -78,10 +82,16 @@ class CellBatchLoader:
         work = _BatchReader(self.corpus, self.collator, self.rank)
         if self.num_workers == 0:
             return (work[t] for t in tasks)
-        return iter(DataLoader(
-            work, batch_size=None, sampler=tasks, num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-        ))
+        return iter(
+            DataLoader(
+                work,
+                batch_size=None,
+                sampler=tasks,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                pin_memory=self.pin_memory,
+            )
+        )
 
     def __iter__(self) -> CellBatchLoader:
         return self

@@ -43,7 +43,9 @@ class TokenBudgetSampler:
             raise ValueError(f"max_cells must be >= 1 or None, got {max_cells}")
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
-            raise ValueError("the sampler got no cell indices; check the split (heldout_fraction) and the corpus")
+            raise ValueError(
+                "the sampler got no cell indices; check the split (heldout_fraction) and the corpus"
+            )
         lengths = np.asarray(lengths)
         m = pad_to_multiple_of
         self.padded = ((lengths[self.indices].astype(np.int64) + m - 1) // m) * m
@@ -102,8 +104,10 @@ class TokenBudgetSampler:
     def _usable(self, epoch: int) -> int:
         n = len(self.global_batches(epoch))
         if n < self.world_size:
-            raise ValueError(f"epoch {epoch} has {n} micro-batches, fewer than world_size={self.world_size}; "
-                             f"lower max_tokens/max_cells or use more cells")
+            raise ValueError(
+                f"epoch {epoch} has {n} micro-batches, fewer than world_size={self.world_size}; "
+                f"lower max_tokens/max_cells or use more cells"
+            )
         return n - n % self.world_size
 
     def __len__(self) -> int:
@@ -130,9 +134,14 @@ class TokenBudgetSampler:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "global_position": self.global_position, "seed": self.seed,
-            "world_size": self.world_size, "max_tokens": self.max_tokens, "max_cells": self.max_cells,
-            "pad_to_multiple_of": self.pad_to_multiple_of, "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "global_position": self.global_position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "max_tokens": self.max_tokens,
+            "max_cells": self.max_cells,
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "shuffle": self.shuffle,
             "fingerprint": self.fingerprint,
         }
 
@@ -140,13 +149,19 @@ class TokenBudgetSampler:
         """Restores (epoch, global_position); any world size works as long as the batch plan is the same."""
         for key in ("seed", "max_tokens", "max_cells", "pad_to_multiple_of", "shuffle"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state was saved with {key}={state[key]!r} but this run has "
-                                 f"{getattr(self, key)!r}; the batch plan would differ, so resume with the same {key}")
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r} but this run has "
+                    f"{getattr(self, key)!r}; the batch plan would differ, so resume with the same {key}"
+                )
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
-            raise ValueError("sampler state was saved for other cells or lengths (corpus, max_length or held-out "
-                             "split changed); resume with the same corpus, max_length, heldout_fraction and split seed")
+            raise ValueError(
+                "sampler state was saved for other cells or lengths (corpus, max_length or held-out "
+                "split changed); resume with the same corpus, max_length, heldout_fraction and split seed"
+            )
         epoch, position = int(state["epoch"]), int(state["global_position"])
         total = len(self.global_batches(epoch))
         if not 0 <= position <= total:
-            raise ValueError(f"sampler state position {position} is outside epoch {epoch}'s {total} micro-batches")
+            raise ValueError(
+                f"sampler state position {position} is outside epoch {epoch}'s {total} micro-batches"
+            )
         self.epoch, self.global_position = epoch, position

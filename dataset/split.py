@@ -36,7 +36,9 @@ def split_indices(n_cells: int, heldout_fraction: float, seed: int) -> tuple[np.
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}; 0.01-0.05 is typical")
     n_heldout = 0 if heldout_fraction == 0 else max(1, int(round(heldout_fraction * n_cells)))
     if n_heldout >= n_cells:
-        raise ValueError(f"heldout_fraction={heldout_fraction} of {n_cells} cells leaves no training cells; lower it")
+        raise ValueError(
+            f"heldout_fraction={heldout_fraction} of {n_cells} cells leaves no training cells; lower it"
+        )
     order = np.argsort(cell_hashes(n_cells, seed), kind="stable")
     heldout = np.sort(order[:n_heldout]).astype(np.int64)
     train = np.sort(order[n_heldout:]).astype(np.int64)

@@ -25,7 +25,9 @@ class Vocabulary:
     def __post_init__(self) -> None:
         for name in (PAD, MASK):
             if name not in self.tokens:
-                raise ValueError(f"vocabulary has no '{name}' token; Geneformer vocabularies start with <pad>, <mask>")
+                raise ValueError(
+                    f"vocabulary has no '{name}' token; Geneformer vocabularies start with <pad>, <mask>"
+                )
         if len(set(self.tokens)) != len(self.tokens):
             raise ValueError("vocabulary has duplicate tokens")
 
@@ -79,7 +81,9 @@ class Vocabulary:
         """Read `vocab.txt` (one token a line, line number = id) or a Geneformer token-dictionary pickle."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file {path} does not exist; pass a vocab.txt or token_dictionary .pkl")
+            raise FileNotFoundError(
+                f"vocabulary file {path} does not exist; pass a vocab.txt or token_dictionary .pkl"
+            )
         if path.suffix == ".pkl":
             return cls.from_token_dict(load_restricted_pickle(path), source=str(path))
         tokens = tuple(line.rstrip("\n") for line in path.read_text().splitlines())

@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+def kd_kl_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """T^2 * KL(teacher || student) on temperature-softened distributions, summed over rows ([M, V] logits);
     with `rows` ([M] bool), over those rows only (static-shape batches pad their masked rows)."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -40,7 +44,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0).sum() / (mask.sum() * per_token)
 
 
-def hidden_mse_mean(student_projected: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hidden_mse_mean(
+    student_projected: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Mean squared error over real tokens and the teacher's width."""
     return masked_mean((student_projected.float() - teacher_hidden.float()).pow(2), mask)
 
@@ -61,8 +67,12 @@ def _relation_log_probs(x: torch.Tensor, n_heads: int, key_mask: torch.Tensor) -
     return scores.log_softmax(-1)
 
 
-def relation_kl_mean(student_qkv: tuple[torch.Tensor, ...], teacher_qkv: tuple[torch.Tensor, ...], n_heads: int,
-                     mask: torch.Tensor) -> torch.Tensor:
+def relation_kl_mean(
+    student_qkv: tuple[torch.Tensor, ...],
+    teacher_qkv: tuple[torch.Tensor, ...],
+    n_heads: int,
+    mask: torch.Tensor,
+) -> torch.Tensor:
     """MiniLMv2: KL between teacher and student query-query, key-key and value-value relations.
 
     Both sides are re-split into `n_heads` relation heads, so teacher and student widths may differ.

@@ -36,13 +36,17 @@ def _copy_layers(student: BertForMaskedLM, teacher: BertForMaskedLM, layer_map: 
 
 
 @torch.no_grad()
-def init_student_from_teacher(student: BertForMaskedLM, teacher: BertForMaskedLM,
-                              layer_map: list[tuple[int, int]]) -> None:
+def init_student_from_teacher(
+    student: BertForMaskedLM, teacher: BertForMaskedLM, layer_map: list[tuple[int, int]]
+) -> None:
     """Project the teacher's embeddings onto their top principal components; copy what has the same shape."""
     s_width = student.config.hidden_size
     t_emb, s_emb = teacher.bert.embeddings, student.bert.embeddings
-    mean, basis = pca_basis(t_emb.word_embeddings.weight, s_width) if s_width < teacher.config.hidden_size \
+    mean, basis = (
+        pca_basis(t_emb.word_embeddings.weight, s_width)
+        if s_width < teacher.config.hidden_size
         else (None, None)
+    )
     for name in _EMBEDDINGS:
         source = getattr(t_emb, name).weight.float()
         target = getattr(s_emb, name).weight
@@ -53,5 +57,10 @@ def init_student_from_teacher(student: BertForMaskedLM, teacher: BertForMaskedLM
     student.cls.predictions.bias.copy_(teacher.cls.predictions.bias.float())
     copied = _copy_layers(student, teacher, layer_map)
     student.tie_weights()
-    log.info("student initialized from the teacher: PCA embeddings (%d -> %d), output bias, %d of %d layers copied",
-             teacher.config.hidden_size, s_width, copied, len(student.bert.encoder.layer))
+    log.info(
+        "student initialized from the teacher: PCA embeddings (%d -> %d), output bias, %d of %d layers copied",
+        teacher.config.hidden_size,
+        s_width,
+        copied,
+        len(student.bert.encoder.layer),
+    )

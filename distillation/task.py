@@ -31,13 +31,16 @@ class StudentWithProjections(nn.Module):
         super().__init__()
         self.student = student
         self.projections = nn.ModuleList(
-            nn.Linear(student.config.hidden_size, teacher_width) for _ in range(n_projections))
+            nn.Linear(student.config.hidden_size, teacher_width) for _ in range(n_projections)
+        )
 
     def forward(self, *, want_hidden: list[int] = (), **student_kwargs):
         out = self.student(output_hidden_states=bool(want_hidden), **student_kwargs)
         if not want_hidden:  # evaluation, or no hidden-state loss
             return out, []
-        projected = [proj(out.hidden_states[i]) for proj, i in zip(self.projections, want_hidden, strict=True)]
+        projected = [
+            proj(out.hidden_states[i]) for proj, i in zip(self.projections, want_hidden, strict=True)
+        ]
         return out, projected
 
 
@@ -55,8 +58,13 @@ class _StudentView(nn.Module):
 class DistillationLoss:
     """Callable (model, batch) -> summed loss terms, with the teacher held outside the trained module."""
 
-    def __init__(self, teacher: BertForMaskedLM, cfg: DistillConfig, layer_map: list[tuple[int, int]],
-                 n_student_heads: int) -> None:
+    def __init__(
+        self,
+        teacher: BertForMaskedLM,
+        cfg: DistillConfig,
+        layer_map: list[tuple[int, int]],
+        n_student_heads: int,
+    ) -> None:
         self.teacher, self.cfg = teacher, cfg
         self.student_layers = [s for s, _ in layer_map] if cfg.hidden_weight > 0 else []
         self.teacher_layers = [t for _, t in layer_map] if cfg.hidden_weight > 0 else []
@@ -65,8 +73,11 @@ class DistillationLoss:
     def teacher_outputs(self, batch: dict):
         cfg = self.cfg
         with torch.inference_mode():
-            out = self.teacher(**model_inputs(batch), output_hidden_states=bool(self.teacher_layers),
-                               return_qkv_layer=cfg.relation_teacher_layer if cfg.relation_weight > 0 else None)
+            out = self.teacher(
+                **model_inputs(batch),
+                output_hidden_states=bool(self.teacher_layers),
+                return_qkv_layer=cfg.relation_teacher_layer if cfg.relation_weight > 0 else None,
+            )
         # Clone out of inference mode: these tensors take part in the student's autograd graph.
         hidden = [out.hidden_states[i].float().clone() for i in self.teacher_layers]
         qkv = tuple(t.float().clone() for t in out.qkv) if cfg.relation_weight > 0 else None
@@ -75,12 +86,20 @@ class DistillationLoss:
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         t_logits, t_hidden, t_qkv = self.teacher_outputs(batch)
-        s_out, s_projected = model(want_hidden=self.student_layers, **model_inputs(batch),
-                                   return_qkv_layer=cfg.relation_student_layer if cfg.relation_weight > 0 else None)
+        s_out, s_projected = model(
+            want_hidden=self.student_layers,
+            **model_inputs(batch),
+            return_qkv_layer=cfg.relation_student_layer if cfg.relation_weight > 0 else None,
+        )
         labelled = labelled_rows(s_out.masked_labels)
         n_masked = labelled.sum()
-        terms = {"mlm": s_out.loss * n_masked, "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature, labelled)}
-        mask = token_mask(batch.get("attention_mask"), batch["input_ids"].view(-1, batch["input_ids"].shape[-1]))
+        terms = {
+            "mlm": s_out.loss * n_masked,
+            "kd": kd_kl_sum(s_out.logits, t_logits, cfg.temperature, labelled),
+        }
+        mask = token_mask(
+            batch.get("attention_mask"), batch["input_ids"].view(-1, batch["input_ids"].shape[-1])
+        )
         if cfg.hidden_weight > 0:
             mse = sum(hidden_mse_mean(s, t, mask) for s, t in zip(s_projected, t_hidden, strict=True))
             terms["hidden"] = mse / len(t_hidden) * n_masked
@@ -91,7 +110,9 @@ class DistillationLoss:
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
 
-def evaluate_side_by_side(teacher: BertForMaskedLM, wrapped: nn.Module, batches: list[dict]) -> dict[str, float]:
+def evaluate_side_by_side(
+    teacher: BertForMaskedLM, wrapped: nn.Module, batches: list[dict]
+) -> dict[str, float]:
     """Held-out metrics of teacher and student on the same masked cells, flattened for the metrics log."""
     student = _StudentView(unwrap(wrapped))
     device = next(wrapped.parameters()).device

@@ -22,9 +22,10 @@ def weights_file(model_dir: Path) -> Path:
     try:
         return weights_path(model_dir)
     except FileNotFoundError:
-        raise FileNotFoundError(f"teacher directory {model_dir} holds no weights ({' or '.join(WEIGHT_FILES)}); "
-                                "set distill.teacher to a directory exported by train.py or a Hugging Face BERT"
-                                ) from None
+        raise FileNotFoundError(
+            f"teacher directory {model_dir} holds no weights ({' or '.join(WEIGHT_FILES)}); "
+            "set distill.teacher to a directory exported by train.py or a Hugging Face BERT"
+        ) from None
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -47,25 +48,36 @@ def load_teacher(model_dir: str | Path, device: torch.device, dtype: torch.dtype
     return teacher.to(device=device, dtype=dtype)
 
 
-def check_teacher(teacher_dir: Path, teacher: BertTEConfig, student: BertTEConfig, vocab: Vocabulary,
-                  longest_cell: int) -> None:
+def check_teacher(
+    teacher_dir: Path, teacher: BertTEConfig, student: BertTEConfig, vocab: Vocabulary, longest_cell: int
+) -> None:
     """Refuse a teacher whose vocabulary, special ids or positions disagree with the data or the student."""
     where = f"teacher {teacher_dir}"
     if teacher.vocab_size != vocab.size or student.vocab_size != vocab.size:
-        raise ValueError(f"vocabulary mismatch: {where} has vocab_size {teacher.vocab_size}, the data vocabulary "
-                         f"{vocab.size}, the student {student.vocab_size}; distil with data tokenized with the "
-                         "teacher's vocabulary and set model.vocab_size to match")
+        raise ValueError(
+            f"vocabulary mismatch: {where} has vocab_size {teacher.vocab_size}, the data vocabulary "
+            f"{vocab.size}, the student {student.vocab_size}; distil with data tokenized with the "
+            "teacher's vocabulary and set model.vocab_size to match"
+        )
     teacher_vocab_file = teacher_dir / "vocab.txt"
     if teacher_vocab_file.is_file():
         teacher_tokens = Vocabulary.load(teacher_vocab_file).tokens
         if teacher_tokens != vocab.tokens:
-            first = next(i for i, (a, b) in enumerate(zip(teacher_tokens, vocab.tokens, strict=False)) if a != b)
-            raise ValueError(f"vocabulary mismatch: {teacher_vocab_file} differs from the data vocabulary at id "
-                             f"{first} ('{teacher_tokens[first]}' vs '{vocab.tokens[first]}'); the corpus must be "
-                             "tokenized with the teacher's vocabulary")
+            first = next(
+                i for i, (a, b) in enumerate(zip(teacher_tokens, vocab.tokens, strict=False)) if a != b
+            )
+            raise ValueError(
+                f"vocabulary mismatch: {teacher_vocab_file} differs from the data vocabulary at id "
+                f"{first} ('{teacher_tokens[first]}' vs '{vocab.tokens[first]}'); the corpus must be "
+                "tokenized with the teacher's vocabulary"
+            )
     if teacher.pad_token_id is not None and teacher.pad_token_id != vocab.pad_id:
-        raise ValueError(f"{where}: pad_token_id {teacher.pad_token_id} but the data's <pad> id is {vocab.pad_id}")
+        raise ValueError(
+            f"{where}: pad_token_id {teacher.pad_token_id} but the data's <pad> id is {vocab.pad_id}"
+        )
     if teacher.max_position_embeddings < longest_cell:
-        raise ValueError(f"{where} has {teacher.max_position_embeddings} positions but the data holds cells of "
-                         f"{longest_cell} tokens; lower model.max_position_embeddings of the student to "
-                         f"{teacher.max_position_embeddings} so cells are truncated to what the teacher can read")
+        raise ValueError(
+            f"{where} has {teacher.max_position_embeddings} positions but the data holds cells of "
+            f"{longest_cell} tokens; lower model.max_position_embeddings of the student to "
+            f"{teacher.max_position_embeddings} so cells are truncated to what the teacher can read"
+        )

@@ -38,45 +38,60 @@ class CorpusCells:
 
     format = "corpus"
 
-    def __init__(self, path: Path, vocab: Vocabulary, max_length: int, chunk_cells: int,
-                 cache_dir: str | None = None) -> None:
+    def __init__(
+        self, path: Path, vocab: Vocabulary, max_length: int, chunk_cells: int, cache_dir: str | None = None
+    ) -> None:
         check_corpus_vocabulary(path, vocab)
-        self.corpus = CellCorpus(path, vocab_size=vocab.size, max_length=max_length, cache_dir=cache_dir,
-                                 ends=vocab.cell_ends)
+        self.corpus = CellCorpus(
+            path, vocab_size=vocab.size, max_length=max_length, cache_dir=cache_dir, ends=vocab.cell_ends
+        )
         self.chunk_cells = chunk_cells
         self.n_rows = len(self.corpus)
 
     def chunks(self, wanted: Callable[[int], bool]) -> Iterator[CellChunk]:
         for k in range(-(-self.n_rows // self.chunk_cells)):
             if wanted(k):
-                rows = np.arange(k * self.chunk_cells, min((k + 1) * self.chunk_cells, self.n_rows), dtype=np.int64)
+                rows = np.arange(
+                    k * self.chunk_cells, min((k + 1) * self.chunk_cells, self.n_rows), dtype=np.int64
+                )
                 yield CellChunk(k, rows, self.corpus.get_many(rows))
 
     def columns(self) -> dict[str, np.ndarray | list]:
         """Per-cell columns for the output: every corpus column except the tokens (cell_id, cell_type, ...)."""
-        return {c: self.corpus.column(c) for c in self.corpus.column_names if c not in ("input_ids", "length")}
+        return {
+            c: self.corpus.column(c) for c in self.corpus.column_names if c not in ("input_ids", "length")
+        }
 
 
 def check_corpus_vocabulary(path: Path, vocab: Vocabulary) -> None:
     """A corpus's vocab.txt (written beside it by the tokenizer) must be the model's, token for token."""
     beside = (path if path.is_dir() else path.parent) / "vocab.txt"
     if not beside.is_file():
-        log.warning("%s has no vocab.txt beside it: cannot check it was tokenized with the model's vocabulary "
-                    "(token ids are only range-checked)", path)
+        log.warning(
+            "%s has no vocab.txt beside it: cannot check it was tokenized with the model's vocabulary "
+            "(token ids are only range-checked)",
+            path,
+        )
         return
     theirs = Vocabulary.load(beside)
     if theirs.tokens != vocab.tokens:
-        differ = next((i for i, (a, b) in enumerate(zip(theirs.tokens, vocab.tokens, strict=False)) if a != b),
-                      min(theirs.size, vocab.size))
-        raise ValueError(f"{path} was tokenized with another vocabulary ({beside}: {theirs.size} tokens, first "
-                         f"difference at id {differ}) than the model's ({vocab.size} tokens); tokenize the raw "
-                         "counts again with the model's vocab.txt, or give the raw counts to embed directly")
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(theirs.tokens, vocab.tokens, strict=False)) if a != b),
+            min(theirs.size, vocab.size),
+        )
+        raise ValueError(
+            f"{path} was tokenized with another vocabulary ({beside}: {theirs.size} tokens, first "
+            f"difference at id {differ}) than the model's ({vocab.size} tokens); tokenize the raw "
+            "counts again with the model's vocab.txt, or give the raw counts to embed directly"
+        )
 
 
 class CountCells:
     """Raw counts (.h5ad, .loom, CSV/TSV) tokenized chunk by chunk with the model's vocabulary."""
 
-    def __init__(self, path: Path, vocab: Vocabulary, max_length: int, chunk_cells: int, options: dict) -> None:
+    def __init__(
+        self, path: Path, vocab: Vocabulary, max_length: int, chunk_cells: int, options: dict
+    ) -> None:
         self.path, self.vocab, self.max_length, self.chunk_cells = path, vocab, max_length, chunk_cells
         self.options = options
         self.format = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
@@ -84,15 +99,20 @@ class CountCells:
         self.n_rows = len(self.obs)
         self._wanted: Callable[[int], bool] = lambda k: True
         # Opened now, so that a gene list without vocabulary genes is refused before any work starts.
-        self._encoded = encode_counts(path, vocab=vocab, chunk_size=chunk_cells,
-                                      skip_chunk=lambda k: not self._wanted(k), **options)
+        self._encoded = encode_counts(
+            path, vocab=vocab, chunk_size=chunk_cells, skip_chunk=lambda k: not self._wanted(k), **options
+        )
 
     def chunks(self, wanted: Callable[[int], bool]) -> Iterator[CellChunk]:
         """This source's one pass over the input: the chunks `wanted(k)`, tokenized (the others are skipped)."""
         self._wanted = wanted
         for chunk in self._encoded:
             if wanted(chunk.index):
-                yield CellChunk(chunk.index, chunk.rows, [truncate_cell(c, self.max_length, self.vocab.cell_ends) for c in chunk.cells])
+                yield CellChunk(
+                    chunk.index,
+                    chunk.rows,
+                    [truncate_cell(c, self.max_length, self.vocab.cell_ends) for c in chunk.cells],
+                )
 
     def columns(self) -> dict[str, np.ndarray | list]:
         """cell_id and, for an .h5ad, every obs column (categories as strings, missing values as null)."""

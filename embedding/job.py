@@ -32,19 +32,28 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
-def open_cells(args: argparse.Namespace, loaded: EmbeddingModel, ctx: DistributedContext) -> CorpusCells | CountCells:
+def open_cells(
+    args: argparse.Namespace, loaded: EmbeddingModel, ctx: DistributedContext
+) -> CorpusCells | CountCells:
     path = Path(args.input)
     if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist; give a tokenized corpus (parquet / Arrow) or raw "
-                                "counts (.h5ad, .loom, .csv, .tsv)")
+        raise FileNotFoundError(
+            f"input {path} does not exist; give a tokenized corpus (parquet / Arrow) or raw "
+            "counts (.h5ad, .loom, .csv, .tsv)"
+        )
     if is_count_file(path):
-        return CountCells(path, loaded.vocab, loaded.max_length, args.chunk_cells, count_options(args, loaded))
+        return CountCells(
+            path, loaded.vocab, loaded.max_length, args.chunk_cells, count_options(args, loaded)
+        )
     # Rank 0 builds the corpus index first; the others then open the finished one.
     if ctx.is_main:
         cells = CorpusCells(path, loaded.vocab, loaded.max_length, args.chunk_cells, args.cache_dir)
     barrier()
-    return cells if ctx.is_main else CorpusCells(path, loaded.vocab, loaded.max_length, args.chunk_cells,
-                                                 args.cache_dir)
+    return (
+        cells
+        if ctx.is_main
+        else CorpusCells(path, loaded.vocab, loaded.max_length, args.chunk_cells, args.cache_dir)
+    )
 
 
 def count_options(args: argparse.Namespace, loaded: EmbeddingModel) -> dict:
@@ -53,39 +62,79 @@ def count_options(args: argparse.Namespace, loaded: EmbeddingModel) -> dict:
     if medians is None and (loaded.path / "gene_medians.tsv").is_file():
         medians = loaded.path / "gene_medians.tsv"
     if medians is None:
-        raise ValueError(f"{args.input} holds raw counts: pass --medians, the gene median table that belongs to the "
-                         "model's vocabulary (e.g. Geneformer's gene_median_dictionary .pkl)")
+        raise ValueError(
+            f"{args.input} holds raw counts: pass --medians, the gene median table that belongs to the "
+            "model's vocabulary (e.g. Geneformer's gene_median_dictionary .pkl)"
+        )
     layout = args.layout or ("v2" if loaded.vocab.cls_id is not None else "v1")
-    return {"medians": medians, "gene_names": args.gene_names, "gene_mapping": args.gene_mapping,
-            "layout": layout, "layer": args.counts_layer,
-            "gene_column": args.gene_column, "min_counts": args.min_counts, "min_genes": args.min_genes,
-            "allow_non_integer": args.allow_non_integer}
+    return {
+        "medians": medians,
+        "gene_names": args.gene_names,
+        "gene_mapping": args.gene_mapping,
+        "layout": layout,
+        "layer": args.counts_layer,
+        "gene_column": args.gene_column,
+        "min_counts": args.min_counts,
+        "min_genes": args.min_genes,
+        "allow_non_integer": args.allow_non_integer,
+    }
 
 
 def run_plan(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCells | CountCells) -> dict:
     """Everything that decides the output; a relaunch continues only a run with the same plan."""
     path = Path(args.input).resolve()
     stat = path.stat()
-    plan = {"input": str(path), "input_bytes": stat.st_size, "input_mtime": stat.st_mtime,
-            "model": str(loaded.path.resolve()), "weights_sha256": loaded.weights_sha256, "layer": args.layer,
-            "pooling": args.pooling, "dtype": args.dtype, "chunk_cells": args.chunk_cells,
-            "max_tokens": args.max_tokens, "max_length": loaded.max_length, "precision": args.precision,
-            "key": args.key, "rows": cells.n_rows}
+    plan = {
+        "input": str(path),
+        "input_bytes": stat.st_size,
+        "input_mtime": stat.st_mtime,
+        "model": str(loaded.path.resolve()),
+        "weights_sha256": loaded.weights_sha256,
+        "layer": args.layer,
+        "pooling": args.pooling,
+        "dtype": args.dtype,
+        "chunk_cells": args.chunk_cells,
+        "max_tokens": args.max_tokens,
+        "max_length": loaded.max_length,
+        "precision": args.precision,
+        "key": args.key,
+        "rows": cells.n_rows,
+    }
     if isinstance(cells, CountCells):
         plan["tokenizer"] = {k: str(v) if isinstance(v, Path) else v for k, v in cells.options.items()}
     return plan
 
 
-def embed_chunk(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespace, device: torch.device,
-                autocast: Autocast) -> PooledCells:
+def embed_chunk(
+    loaded: EmbeddingModel,
+    chunk: CellChunk,
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: Autocast,
+) -> PooledCells:
     """The chunk's cells in token-budget batches of similar lengths, back in input order."""
     lengths = np.array([len(c) for c in chunk.cells])
-    plan = TokenBudgetSampler(lengths, np.arange(len(lengths)), max_tokens=args.max_tokens, max_cells=None,
-                              rank=0, world_size=1, seed=0, shuffle=False).global_batches(0)
+    plan = TokenBudgetSampler(
+        lengths,
+        np.arange(len(lengths)),
+        max_tokens=args.max_tokens,
+        max_cells=None,
+        rank=0,
+        world_size=1,
+        seed=0,
+        shuffle=False,
+    ).global_batches(0)
     vectors, probabilities = None, None
     for batch in plan:
-        pooled = pool_cells(loaded.model, [chunk.cells[i] for i in batch], layer=args.layer, pooling=args.pooling,
-                            special_ids=loaded.vocab.special_ids, device=device, autocast=autocast)
+        pooled = pool_cells(
+            loaded.model,
+            [chunk.cells[i] for i in batch],
+            layer=args.layer,
+            pooling=args.pooling,
+            special_ids=loaded.vocab.special_ids,
+            device=device,
+            autocast=autocast,
+        )
         if vectors is None:
             vectors = np.empty((len(lengths), pooled.vectors.shape[1]), dtype=DTYPES[args.dtype])
             if pooled.probabilities is not None:
@@ -96,8 +145,13 @@ def embed_chunk(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespa
     return PooledCells(vectors, probabilities)
 
 
-def embed_or_empty(loaded: EmbeddingModel, chunk: CellChunk, args: argparse.Namespace, device: torch.device,
-                   autocast: Autocast) -> tuple[np.ndarray, np.ndarray | None]:
+def embed_or_empty(
+    loaded: EmbeddingModel,
+    chunk: CellChunk,
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: Autocast,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(vectors, probabilities) of a chunk's cells; empty arrays when the tokenizer left none of them."""
     if len(chunk.rows):
         pooled = embed_chunk(loaded, chunk, args, device, autocast)
@@ -110,13 +164,17 @@ def check_output(args: argparse.Namespace) -> None:
     out, source = Path(args.out), Path(args.input)
     if out.suffix == ".h5ad":
         if source.suffix != ".h5ad":
-            raise ValueError(f"--out {out}: an .h5ad output is a copy of an .h5ad input, but the input is {source}; "
-                             "write parquet (--out cells.parquet) instead")
+            raise ValueError(
+                f"--out {out}: an .h5ad output is a copy of an .h5ad input, but the input is {source}; "
+                "write parquet (--out cells.parquet) instead"
+            )
         if out.resolve() == source.resolve():
             raise ValueError(f"--out {out} is the input itself; write the copy to another path")
         with h5py.File(source, "r") as f:
             if "obsm" in f and args.key in f["obsm"]:
-                raise ValueError(f"{source} already has obsm['{args.key}']; name the new embedding with --key")
+                raise ValueError(
+                    f"{source} already has obsm['{args.key}']; name the new embedding with --key"
+                )
 
 
 def embed(args: argparse.Namespace, ctx: DistributedContext) -> Path | None:
@@ -146,8 +204,14 @@ def embed(args: argparse.Namespace, ctx: DistributedContext) -> Path | None:
     return out
 
 
-def embed_share(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCells | CountCells,
-                store: PartStore, n_chunks: int, ctx: DistributedContext) -> None:
+def embed_share(
+    args: argparse.Namespace,
+    loaded: EmbeddingModel,
+    cells: CorpusCells | CountCells,
+    store: PartStore,
+    n_chunks: int,
+    ctx: DistributedContext,
+) -> None:
     """This rank's chunks (k % world_size == rank) not yet done, each kept as a part file when finished."""
     done = store.done_chunks()
     mine = [k for k in range(n_chunks) if k % ctx.world_size == ctx.rank and k not in done]
@@ -155,10 +219,17 @@ def embed_share(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusC
     autocast = inference_autocast(args.precision, ctx.device)
     rows_of = {k: min(args.chunk_cells, cells.n_rows - k * args.chunk_cells) for k in mine}
     try:
-        with tqdm(total=sum(rows_of.values()), unit="cell", disable=not ctx.is_main or args.no_progress,
-                  smoothing=0.1, desc=f"embedding (rank 0 of {ctx.world_size})") as progress:
+        with tqdm(
+            total=sum(rows_of.values()),
+            unit="cell",
+            disable=not ctx.is_main or args.no_progress,
+            smoothing=0.1,
+            desc=f"embedding (rank 0 of {ctx.world_size})",
+        ) as progress:
             for chunk in cells.chunks(rows_of.__contains__):
-                store.write(chunk.index, chunk.rows, *embed_or_empty(loaded, chunk, args, ctx.device, autocast))
+                store.write(
+                    chunk.index, chunk.rows, *embed_or_empty(loaded, chunk, args, ctx.device, autocast)
+                )
                 progress.update(rows_of[chunk.index])
     except USER_ERRORS:
         if ctx.world_size == 1 and not store.done_chunks():
@@ -166,20 +237,41 @@ def embed_share(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusC
         raise
 
 
-def record(args: argparse.Namespace, loaded: EmbeddingModel, store: PartStore, ctx: DistributedContext,
-           seconds: float) -> dict:
+def record(
+    args: argparse.Namespace,
+    loaded: EmbeddingModel,
+    store: PartStore,
+    ctx: DistributedContext,
+    seconds: float,
+) -> dict:
     """How the output was made: model, weights hash, layer, pooling, vocabulary, time."""
     vocab_file = loaded.path / "vocab.txt"
-    return {**store.plan, "weights_file": loaded.weights_file.name, "kind": "classifier" if loaded.labels else
-            "masked_lm", "vocabulary": {"file": str(vocab_file.resolve()), "size": loaded.vocab.size,
-                                        "sha256": file_sha256(vocab_file)},
-            "labels": loaded.labels, "world_size": ctx.world_size, "device": str(ctx.device),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_launch_seconds": round(seconds, 3),
-            "created_by": "embed.py"}
+    return {
+        **store.plan,
+        "weights_file": loaded.weights_file.name,
+        "kind": "classifier" if loaded.labels else "masked_lm",
+        "vocabulary": {
+            "file": str(vocab_file.resolve()),
+            "size": loaded.vocab.size,
+            "sha256": file_sha256(vocab_file),
+        },
+        "labels": loaded.labels,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "last_launch_seconds": round(seconds, 3),
+        "created_by": "embed.py",
+    }
 
 
-def write_output(args: argparse.Namespace, loaded: EmbeddingModel, cells: CorpusCells | CountCells, store: PartStore, n_chunks: int,
-                 made: dict) -> Path:
+def write_output(
+    args: argparse.Namespace,
+    loaded: EmbeddingModel,
+    cells: CorpusCells | CountCells,
+    store: PartStore,
+    n_chunks: int,
+    made: dict,
+) -> Path:
     dim, n_classes = loaded.model.config.hidden_size, len(loaded.labels or ())
 
     def chunks():

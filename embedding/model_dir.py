@@ -49,20 +49,28 @@ def open_model_dir(path: str | Path) -> EmbeddingModel:
     """The model of `path` in eval mode with its vocabulary; errors name the missing file and the fix."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json; give an exported model directory "
-                                "(final_model of train.py / distill.py / finetune.py, or a stock BERT directory)")
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json; give an exported model directory "
+            "(final_model of train.py / distill.py / finetune.py, or a stock BERT directory)"
+        )
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"model directory {path} holds no weights (model.safetensors or "
-                                "pytorch_model.bin); export the model again or point at its final_model folder")
+        raise FileNotFoundError(
+            f"model directory {path} holds no weights (model.safetensors or "
+            "pytorch_model.bin); export the model again or point at its final_model folder"
+        )
     if not (path / "vocab.txt").is_file():
-        raise FileNotFoundError(f"model directory {path} has no vocab.txt; copy the vocabulary the model was "
-                                "trained with into it as vocab.txt (one token a line)")
+        raise FileNotFoundError(
+            f"model directory {path} has no vocab.txt; copy the vocabulary the model was "
+            "trained with into it as vocab.txt (one token a line)"
+        )
     vocab = Vocabulary.load(path / "vocab.txt")
     config = json.loads((path / "config.json").read_text())
     if vocab.size != config.get("vocab_size"):
-        raise ValueError(f"{path / 'vocab.txt'} has {vocab.size} tokens but config.json has vocab_size "
-                         f"{config.get('vocab_size')}; put the model's own vocabulary beside it")
+        raise ValueError(
+            f"{path / 'vocab.txt'} has {vocab.size} tokens but config.json has vocab_size "
+            f"{config.get('vocab_size')}; put the model's own vocabulary beside it"
+        )
     if _is_classifier(config):
         model = BertForCellClassification.from_pretrained(path)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -34,10 +34,16 @@ class PartStore:
         if self.dir.is_dir():
             saved = json.loads((self.dir / "plan.json").read_text())
             if saved != self.plan:
-                changed = sorted(k for k in self.plan.keys() | saved.keys() if saved.get(k) != self.plan.get(k))
-                raise ValueError(f"{self.dir} holds an unfinished run with other settings ({', '.join(changed)}); "
-                                 "rerun with the same settings to continue it, or pass --overwrite to start over")
-            log.info("continuing the unfinished run in %s (%d chunks done)", self.dir, len(self.done_chunks()))
+                changed = sorted(
+                    k for k in self.plan.keys() | saved.keys() if saved.get(k) != self.plan.get(k)
+                )
+                raise ValueError(
+                    f"{self.dir} holds an unfinished run with other settings ({', '.join(changed)}); "
+                    "rerun with the same settings to continue it, or pass --overwrite to start over"
+                )
+            log.info(
+                "continuing the unfinished run in %s (%d chunks done)", self.dir, len(self.done_chunks())
+            )
             return
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"

@@ -39,10 +39,15 @@ def unmasked_input_ids(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_embeddings(model: nn.Module, batches: Iterable[dict], *, layer: int, special_ids: tuple[int, ...],
-                       device: torch.device,
-                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                       ) -> CellEmbeddings:
+def extract_embeddings(
+    model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    layer: int,
+    special_ids: tuple[int, ...],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> CellEmbeddings:
     """Mean gene-token embeddings of every cell in `batches` (masked-LM batches; the unmasked tokens are
     restored), computed by the same packed forward pass as `embed.py`, so both give the same vectors."""
     check_layer(model, layer)
@@ -54,13 +59,23 @@ def extract_embeddings(model: nn.Module, batches: Iterable[dict], *, layer: int,
         for batch in batches:
             input_ids = unmasked_input_ids(batch)
             attention_mask = batch.get("attention_mask")
-            lengths = (attention_mask.sum(1) if attention_mask is not None
-                       else torch.full((len(input_ids),), input_ids.shape[1])).tolist()
+            lengths = (
+                attention_mask.sum(1)
+                if attention_mask is not None
+                else torch.full((len(input_ids),), input_ids.shape[1])
+            ).tolist()
             cells = [row[:n].numpy() for row, n in zip(input_ids, lengths, strict=True)]
             _synchronize(device)
             start = time.perf_counter()
-            pooled = pool_cells(model, cells, layer=layer, pooling="mean", special_ids=special_ids,
-                                device=device, autocast=autocast)
+            pooled = pool_cells(
+                model,
+                cells,
+                layer=layer,
+                pooling="mean",
+                special_ids=special_ids,
+                device=device,
+                autocast=autocast,
+            )
             _synchronize(device)
             seconds += time.perf_counter() - start
             indices.append(batch["cell_index"].cpu().numpy())
@@ -77,7 +92,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_embeddings(path: str | Path, embeddings: CellEmbeddings, metadata: dict[str, list | np.ndarray]) -> Path:
+def write_embeddings(
+    path: str | Path, embeddings: CellEmbeddings, metadata: dict[str, list | np.ndarray]
+) -> Path:
     """Parquet with `cell_index`, the metadata columns (e.g. cell_type) and `embedding` (fixed-size float32 list)."""
     n, dim = embeddings.vectors.shape
     for name, values in metadata.items():
@@ -85,8 +102,12 @@ def write_embeddings(path: str | Path, embeddings: CellEmbeddings, metadata: dic
             raise ValueError(f"metadata column '{name}' has {len(values)} values for {n} cells")
     flat = pa.array(np.ascontiguousarray(embeddings.vectors).reshape(-1), type=pa.float32())
     columns = {"cell_index": pa.array(embeddings.cell_index, type=pa.int64())}
-    columns.update({name: pa.array(list(values) if not isinstance(values, np.ndarray) else values)
-                    for name, values in metadata.items()})
+    columns.update(
+        {
+            name: pa.array(list(values) if not isinstance(values, np.ndarray) else values)
+            for name, values in metadata.items()
+        }
+    )
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +121,9 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str,
     vectors = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32)
     n = table.num_rows
     vectors = vectors.reshape(n, -1) if n else vectors.reshape(0, 0)
-    metadata = {name: table.column(name).to_pylist() for name in table.column_names
-                if name not in ("cell_index", "embedding")}
+    metadata = {
+        name: table.column(name).to_pylist()
+        for name in table.column_names
+        if name not in ("cell_index", "embedding")
+    }
     return table.column("cell_index").to_numpy(), vectors, metadata

@@ -45,8 +45,14 @@ def plot_embedding_pca(vectors: np.ndarray, labels: list | None, title: str, out
             rows = labels == name
             ax.scatter(coords[rows, 0], coords[rows, 1], s=8, alpha=0.7, color=cmap(i % cmap.N), label=name)
         if legend:
-            ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
-                      frameon=False)
+            ax.legend(
+                fontsize=7,
+                markerscale=2,
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                borderaxespad=0,
+                frameon=False,
+            )
     shown = f"{len(coords)} cells" + (f", {len(names)} labels" if names and not legend else "")
     ax.set_title(f"{title}: {shown}", fontsize=10)
     ax.set_xlabel("PC 1")

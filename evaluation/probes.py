@@ -31,7 +31,9 @@ def stratified_split(labels: list | np.ndarray, *, test_fraction: float = 0.3, s
     counts = Counter(labels.tolist())
     dropped = tuple(sorted(k for k, c in counts.items() if c < 2))
     if dropped:
-        log.warning("probe: leaving out %d label(s) with a single cell: %s", len(dropped), ", ".join(dropped[:10]))
+        log.warning(
+            "probe: leaving out %d label(s) with a single cell: %s", len(dropped), ", ".join(dropped[:10])
+        )
     rows = np.flatnonzero(~np.isin(labels, dropped)) if dropped else np.arange(len(labels))
     n_classes = len(counts) - len(dropped)
     if n_classes < 2:
@@ -39,14 +41,17 @@ def stratified_split(labels: list | np.ndarray, *, test_fraction: float = 0.3, s
     # Each class needs a cell on each side: the test side must hold at least one cell per class.
     n_test = max(int(round(test_fraction * len(rows))), n_classes)
     if len(rows) - n_test < n_classes:
-        raise ValueError(f"{len(rows)} labelled cells are too few for a stratified split over {n_classes} labels; "
-                         "evaluate more cells (--max-cells, --split all)")
+        raise ValueError(
+            f"{len(rows)} labelled cells are too few for a stratified split over {n_classes} labels; "
+            "evaluate more cells (--max-cells, --split all)"
+        )
     train, test = train_test_split(rows, test_size=n_test, stratify=labels[rows], random_state=seed)
     return ProbeSplit(np.sort(train), np.sort(test), dropped)
 
 
-def probe_embeddings(embeddings: np.ndarray, labels: list | np.ndarray, split: ProbeSplit, *,
-                     k: int = 5, seed: int = 0) -> dict[str, float]:
+def probe_embeddings(
+    embeddings: np.ndarray, labels: list | np.ndarray, split: ProbeSplit, *, k: int = 5, seed: int = 0
+) -> dict[str, float]:
     """Accuracy and macro-F1 on the test cells of a logistic regression and a k-NN (cosine) classifier."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
@@ -68,5 +73,7 @@ def probe_embeddings(embeddings: np.ndarray, labels: list | np.ndarray, split: P
     for name, classifier in classifiers.items():
         predicted = classifier.fit(x_train, y_train).predict(x_test)
         scores[f"probe_{name}_accuracy"] = float(accuracy_score(y_test, predicted))
-        scores[f"probe_{name}_macro_f1"] = float(f1_score(y_test, predicted, average="macro", zero_division=0))
+        scores[f"probe_{name}_macro_f1"] = float(
+            f1_score(y_test, predicted, average="macro", zero_division=0)
+        )
     return scores

@@ -13,8 +13,10 @@ def _check_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or y.ndim != 2:
         raise ValueError(f"embeddings must be [cells, dim] arrays; got shapes {x.shape} and {y.shape}")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"embeddings cover different numbers of cells ({x.shape[0]} vs {y.shape[0]}); "
-                         "compare the same cells in the same order")
+        raise ValueError(
+            f"embeddings cover different numbers of cells ({x.shape[0]} vs {y.shape[0]}); "
+            "compare the same cells in the same order"
+        )
     return x, y
 
 
@@ -28,7 +30,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     cross = np.linalg.norm(y.T @ x, "fro") ** 2
     norm = np.linalg.norm(x.T @ x, "fro") * np.linalg.norm(y.T @ y, "fro")
     if norm == 0.0:
-        raise ValueError("linear CKA is undefined when one side's embeddings are all identical (zero variance)")
+        raise ValueError(
+            "linear CKA is undefined when one side's embeddings are all identical (zero variance)"
+        )
     return float(cross / norm)
 
 

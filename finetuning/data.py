@@ -42,9 +42,13 @@ class ClassificationCollator:
     def __init__(self, vocab: Vocabulary, *, pad_to_multiple_of: int = 8) -> None:
         self.pad_id, self.pad_to_multiple_of = vocab.pad_id, pad_to_multiple_of
 
-    def __call__(self, cells: LabelledCells, *, epoch: int, batch_index: int, rank: int) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, cells: LabelledCells, *, epoch: int, batch_index: int, rank: int
+    ) -> dict[str, torch.Tensor]:
         if not isinstance(cells, LabelledCells):
-            raise TypeError("ClassificationCollator needs cells read through LabelledCorpus (they carry the labels)")
+            raise TypeError(
+                "ClassificationCollator needs cells read through LabelledCorpus (they carry the labels)"
+            )
         m = self.pad_to_multiple_of
         width = -(-max(len(c) for c in cells) // m) * m
         input_ids = np.full((len(cells), width), self.pad_id, dtype=np.int64)
@@ -52,41 +56,76 @@ class ClassificationCollator:
         for row, cell in enumerate(cells):
             input_ids[row, : len(cell)] = cell
             attention_mask[row, : len(cell)] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
-                "labels": torch.from_numpy(np.asarray(cells.labels, dtype=np.int64))}
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(np.asarray(cells.labels, dtype=np.int64)),
+        }
 
 
-def build_classification_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int,
-                              max_length: int) -> tuple[DataBundle, CellLabels]:
+def build_classification_data(
+    run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_length: int
+) -> tuple[DataBundle, CellLabels]:
     """Corpus, labels, stratified split and loaders (train: shuffled; held-out: fixed order, first eval.max_cells)."""
     cfg = run.data
     if cfg.packed:
-        raise ValueError("config 'data.packed': fine-tuning batches are padded (the pooler reads each cell's first "
-                         "token); set data.packed=false")
+        raise ValueError(
+            "config 'data.packed': fine-tuning batches are padded (the pooler reads each cell's first "
+            "token); set data.packed=false"
+        )
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
-    corpus = CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
-                                          cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
+    corpus = CellCorpus.open_on_all_ranks(
+        path,
+        is_main=ctx.is_main,
+        vocab_size=vocab_size,
+        max_length=max_length,
+        cache_dir=cfg.cache_dir,
+        ends=vocab.cell_ends,
+    )
     column = run.finetune.label_column
     if column not in corpus.column_names:
-        raise ValueError(f"config 'finetune.label_column': {path} has no column '{column}'; "
-                         f"its columns are {corpus.column_names}")
+        raise ValueError(
+            f"config 'finetune.label_column': {path} has no column '{column}'; "
+            f"its columns are {corpus.column_names}"
+        )
     labels = CellLabels.from_column(corpus.column(column), column)
     train_idx, heldout_idx = stratified_split(labels.ids, cfg.heldout_fraction, run.seed)
     if len(heldout_idx) == 0:
-        raise ValueError("no held-out cells: every class has a single labelled cell; raise data.heldout_fraction "
-                         "or label more cells")
+        raise ValueError(
+            "no held-out cells: every class has a single labelled cell; raise data.heldout_fraction "
+            "or label more cells"
+        )
     # Evaluate every k-th held-out cell rather than the first ones: corpus files are often sorted by cell type.
-    eval_cells = heldout_idx[np.linspace(0, len(heldout_idx) - 1, min(run.eval.max_cells, len(heldout_idx))
-                                         ).round().astype(np.int64)]
+    eval_cells = heldout_idx[
+        np.linspace(0, len(heldout_idx) - 1, min(run.eval.max_cells, len(heldout_idx)))
+        .round()
+        .astype(np.int64)
+    ]
     view = LabelledCorpus(corpus, labels.ids)
     collator = ClassificationCollator(vocab, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    sampler_args = dict(max_tokens=cfg.max_tokens, max_cells=cfg.max_cells, rank=ctx.rank,
-                        world_size=ctx.world_size, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    train_loader = CellBatchLoader(view, TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
-                                   collator, num_workers=cfg.num_workers, rank=ctx.rank,
-                                   pin_memory=ctx.device.type == "cuda")
-    eval_loader = CellBatchLoader(view, TokenBudgetSampler(corpus.lengths, np.unique(eval_cells), seed=run.eval.seed,
-                                                           shuffle=False, **sampler_args),
-                                  collator, num_workers=0, rank=ctx.rank)
+    sampler_args = dict(
+        max_tokens=cfg.max_tokens,
+        max_cells=cfg.max_cells,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
+    train_loader = CellBatchLoader(
+        view,
+        TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
+        collator,
+        num_workers=cfg.num_workers,
+        rank=ctx.rank,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    eval_loader = CellBatchLoader(
+        view,
+        TokenBudgetSampler(
+            corpus.lengths, np.unique(eval_cells), seed=run.eval.seed, shuffle=False, **sampler_args
+        ),
+        collator,
+        num_workers=0,
+        rank=ctx.rank,
+    )
     return DataBundle(corpus, vocab, train_idx, heldout_idx, train_loader, eval_loader), labels

@@ -16,7 +16,11 @@ UNLABELLED = -100  # class id of a cell without a label; the loss and the split 
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value)
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value)
+    )
 
 
 @dataclass
@@ -30,8 +34,10 @@ class CellLabels:
         raw = [None if _is_missing(v) else str(v) for v in values]
         names = sorted({v for v in raw if v is not None})
         if len(names) < 2:
-            raise ValueError(f"column '{column}' has {len(names)} distinct label(s) ({names}); classification "
-                             "needs at least two: set finetune.label_column to a column of cell classes")
+            raise ValueError(
+                f"column '{column}' has {len(names)} distinct label(s) ({names}); classification "
+                "needs at least two: set finetune.label_column to a column of cell classes"
+            )
         index = {name: i for i, name in enumerate(names)}
         ids = np.array([UNLABELLED if v is None else index[v] for v in raw], dtype=np.int64)
         return cls(names=names, ids=ids)
@@ -54,7 +60,9 @@ def stratified_split(ids: np.ndarray, heldout_fraction: float, seed: int) -> tup
     for label in np.unique(ids[ids != UNLABELLED]):
         members = np.flatnonzero(ids == label)
         members = members[np.argsort(hashes[members], kind="stable")]
-        n_out = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(heldout_fraction * len(members))))
+        n_out = (
+            0 if len(members) < 2 else min(len(members) - 1, max(1, round(heldout_fraction * len(members))))
+        )
         heldout.append(members[:n_out])
         train.append(members[n_out:])
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(heldout)).astype(np.int64)

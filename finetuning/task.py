@@ -31,15 +31,21 @@ def scores_from_confusion(confusion: np.ndarray) -> dict[str, float]:
     total = float(weights.sum())
     return {
         "accuracy": float(np.trace(confusion)) / max(total, 1.0),
-        "macro_f1": float(f1_score(truth, predicted, labels=present, average="macro", sample_weight=weights,
-                                   zero_division=0)) if total else 0.0,
+        "macro_f1": float(
+            f1_score(
+                truth, predicted, labels=present, average="macro", sample_weight=weights, zero_division=0
+            )
+        )
+        if total
+        else 0.0,
         "cells": total,
     }
 
 
 @torch.no_grad()
-def classification_metrics(model: nn.Module, batches: list[dict], num_labels: int,
-                           device: torch.device) -> dict[str, float]:
+def classification_metrics(
+    model: nn.Module, batches: list[dict], num_labels: int, device: torch.device
+) -> dict[str, float]:
     """Held-out loss, accuracy and macro-F1 over every rank's cells."""
     was_training = model.training
     model.eval()
@@ -48,11 +54,15 @@ def classification_metrics(model: nn.Module, batches: list[dict], num_labels: in
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+            ).logits.float()
             labels = batch["labels"]
             ce_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             pairs = (labels * num_labels + logits.argmax(-1)).cpu()
-            confusion += torch.bincount(pairs, minlength=num_labels * num_labels).view(num_labels, -1).double()
+            confusion += (
+                torch.bincount(pairs, minlength=num_labels * num_labels).view(num_labels, -1).double()
+            )
     finally:
         model.train(was_training)
     confusion = all_reduce_sum(confusion.reshape(-1)).view(num_labels, num_labels)
@@ -70,6 +80,8 @@ def majority_class_accuracy(train_labels: np.ndarray, batches: list[dict]) -> di
     counts = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         labels = batch["labels"]
-        counts += torch.tensor([float((labels == majority).sum()), float((labels >= 0).sum())], dtype=torch.float64)
+        counts += torch.tensor(
+            [float((labels == majority).sum()), float((labels >= 0).sum())], dtype=torch.float64
+        )
     hits, cells = all_reduce_sum(counts).tolist()
     return {"majority_class_accuracy": hits / max(cells, 1.0)}

@@ -15,8 +15,9 @@ from modeling_bert_te import BertForMaskedLM
 
 
 @torch.no_grad()
-def attention_probs(model: BertForMaskedLM, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+def attention_probs(
+    model: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """softmax(q k^T / sqrt(d)) with padded keys excluded, per layer: a list of L tensors [B, heads, S, S].
 
     The model's SDPA never materialises the probabilities, so they are rebuilt from q and k; that takes one
@@ -39,8 +40,15 @@ def top_gene_positions(input_ids: torch.Tensor, vocab: Vocabulary, n: int) -> li
     return [p for p, t in enumerate(input_ids.tolist()) if t not in special][:n]
 
 
-def save_attention_maps(probs: list[torch.Tensor], input_ids: torch.Tensor, vocab: Vocabulary, out_dir: str | Path,
-                        *, top_n: int = 20, cell: int = 0) -> list[Path]:
+def save_attention_maps(
+    probs: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    vocab: Vocabulary,
+    out_dir: str | Path,
+    *,
+    top_n: int = 20,
+    cell: int = 0,
+) -> list[Path]:
     """One PNG per layer (a panel per head) of cell `cell`: attention among its top_n genes, rows = queries.
 
     The panels show the probabilities of the full softmax (over all of the cell's genes), not renormalised, so
@@ -64,8 +72,9 @@ def save_attention_maps(probs: list[torch.Tensor], input_ids: torch.Tensor, voca
         cols = min(heads, 4)
         rows = math.ceil(heads / cols)
         size = max(4.0, 0.22 * len(keep) + 1.5)
-        fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.5, size * rows), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(size * cols + 1.5, size * rows), squeeze=False, layout="constrained"
+        )
         vmax = float(p[cell][:, keep][:, :, keep].max())
         for h in range(rows * cols):
             ax = axes[h // cols][h % cols]

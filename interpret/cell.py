@@ -22,17 +22,33 @@ log = logging.getLogger("interpret.cell")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported BertForMaskedLM directory")
-    p.add_argument("--data", default=None, help="parquet file, shard directory or Arrow directory (default: built-in corpus)")
-    p.add_argument("--vocab", default=None, help="vocab.txt or token-dictionary .pkl (default: vocab.txt beside --data)")
-    p.add_argument("--builtin-dir", default="outputs/builtin_corpus", help="where the built-in corpus is kept")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="parquet file, shard directory or Arrow directory (default: built-in corpus)",
+    )
+    p.add_argument(
+        "--vocab", default=None, help="vocab.txt or token-dictionary .pkl (default: vocab.txt beside --data)"
+    )
+    p.add_argument(
+        "--builtin-dir", default="outputs/builtin_corpus", help="where the built-in corpus is kept"
+    )
     p.add_argument("--cell-index", type=int, default=0, help="row of the cell in the corpus")
     p.add_argument("--out", default="outputs/interpret", help="output directory (PNGs, attributions.tsv)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate the cell (default: the model's positions)")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="truncate the cell (default: the model's positions)"
+    )
     p.add_argument("--top-genes", type=int, default=20, help="genes shown in the heat maps and printed table")
-    p.add_argument("--mask-rank", type=int, default=0,
-                   help="which gene to mask and predict: its rank in the cell (0 = the most expressed gene)")
+    p.add_argument(
+        "--mask-rank",
+        type=int,
+        default=0,
+        help="which gene to mask and predict: its rank in the cell (0 = the most expressed gene)",
+    )
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
     p.add_argument("--method", choices=METHODS, default="trapezoid")
     p.add_argument("--baseline", choices=("pad", "zero"), default="pad", help="the <pad> embedding or zeros")
@@ -42,18 +58,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_cell(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[torch.Tensor, Vocabulary]:
     data = Path(args.data) if args.data else ensure_builtin_corpus(args.builtin_dir)
     if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist; give a parquet file, shard directory or Arrow directory")
+        raise FileNotFoundError(
+            f"--data {data} does not exist; give a parquet file, shard directory or Arrow directory"
+        )
     vocab_path = Path(args.vocab) if args.vocab else (data if data.is_dir() else data.parent) / "vocab.txt"
     if not vocab_path.is_file():
-        raise FileNotFoundError(f"no vocabulary at {vocab_path}: pass --vocab (the corpus's vocab.txt or token dictionary)")
+        raise FileNotFoundError(
+            f"no vocabulary at {vocab_path}: pass --vocab (the corpus's vocab.txt or token dictionary)"
+        )
     vocab = Vocabulary.load(vocab_path)
     if vocab.size != model.config.vocab_size:
-        raise ValueError(f"vocabulary {vocab_path} has {vocab.size} tokens, the model {model.config.vocab_size}; "
-                         "use the vocabulary the model was trained with")
-    corpus = CellCorpus(data, vocab_size=vocab.size, max_length=args.max_length or model.config.max_position_embeddings,
-                        ends=vocab.cell_ends)
+        raise ValueError(
+            f"vocabulary {vocab_path} has {vocab.size} tokens, the model {model.config.vocab_size}; "
+            "use the vocabulary the model was trained with"
+        )
+    corpus = CellCorpus(
+        data,
+        vocab_size=vocab.size,
+        max_length=args.max_length or model.config.max_position_embeddings,
+        ends=vocab.cell_ends,
+    )
     if not 0 <= args.cell_index < len(corpus):
-        raise ValueError(f"--cell-index {args.cell_index} is outside the corpus ({len(corpus)} cells in {data})")
+        raise ValueError(
+            f"--cell-index {args.cell_index} is outside the corpus ({len(corpus)} cells in {data})"
+        )
     return torch.as_tensor(corpus[args.cell_index], dtype=torch.long), vocab
 
 
@@ -69,7 +97,9 @@ def main(argv: list[str] | None = None) -> list[GeneAttribution]:
     model = BertForMaskedLM.from_pretrained(args.model_dir).eval()
     cell, vocab = load_cell(args, model)
     out = Path(args.out)
-    pngs = save_attention_maps(attention_probs(model, cell[None]), cell[None], vocab, out, top_n=args.top_genes)
+    pngs = save_attention_maps(
+        attention_probs(model, cell[None]), cell[None], vocab, out, top_n=args.top_genes
+    )
 
     genes = top_gene_positions(cell, vocab, args.mask_rank + 1)
     if len(genes) <= args.mask_rank:
@@ -78,12 +108,27 @@ def main(argv: list[str] | None = None) -> list[GeneAttribution]:
     true_gene = int(cell[position])
     masked = cell.clone()
     masked[position] = vocab.mask_id
-    rows, delta, gap = gene_attributions(model, vocab, masked, position, true_gene, steps=args.steps,
-                                         baseline=args.baseline, method=args.method)
+    rows, delta, gap = gene_attributions(
+        model,
+        vocab,
+        masked,
+        position,
+        true_gene,
+        steps=args.steps,
+        baseline=args.baseline,
+        method=args.method,
+    )
     write_tsv(rows, out / "attributions.tsv")
     log.info("cell %d (%d genes): wrote %s", args.cell_index, len(cell), ", ".join(str(p) for p in pngs))
-    log.info("integrated gradients of the logit of %s masked at position %d: f(x) - f(baseline) = %.4f, "
-             "completeness gap %.2e; %s", vocab.tokens[true_gene], position, delta, gap, out / "attributions.tsv")
+    log.info(
+        "integrated gradients of the logit of %s masked at position %d: f(x) - f(baseline) = %.4f, "
+        "completeness gap %.2e; %s",
+        vocab.tokens[true_gene],
+        position,
+        delta,
+        gap,
+        out / "attributions.tsv",
+    )
     log.info("%-5s %-8s %-16s %s", "rank", "position", "gene", "attribution")
     for i, r in enumerate(rows[: args.top_genes]):
         log.info("%-5d %-8d %-16s %+.4g", i, r.position, r.gene, r.attribution)

@@ -29,8 +29,15 @@ def _alphas_and_weights(steps: int, method: str) -> tuple[torch.Tensor, torch.Te
     return (torch.arange(steps) + offset) / steps, torch.full((steps,), 1.0 / steps)
 
 
-def integrated_gradients(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, baseline: torch.Tensor, *,
-                         steps: int = 32, method: str = "trapezoid", batch_size: int = 8) -> torch.Tensor:
+def integrated_gradients(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    baseline: torch.Tensor,
+    *,
+    steps: int = 32,
+    method: str = "trapezoid",
+    batch_size: int = 8,
+) -> torch.Tensor:
     """Attributions (x - baseline) * mean over the path of df/dx, same shape as x.
 
     f maps a batch of inputs [k, *x.shape] to k scalars; the path points go through it `batch_size` at a time.
@@ -42,19 +49,22 @@ def integrated_gradients(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     x, baseline = x.detach(), baseline.detach()
     total = torch.zeros_like(x, dtype=torch.float32)
     for start in range(0, len(alphas), batch_size):
-        a = alphas[start:start + batch_size].to(x.device, x.dtype).view(-1, *([1] * x.dim()))
+        a = alphas[start : start + batch_size].to(x.device, x.dtype).view(-1, *([1] * x.dim()))
         path = (baseline + a * (x - baseline)).requires_grad_(True)
         out = f(path)
         if out.shape != (len(a),):
-            raise ValueError(f"f must return one scalar per path point, shape ({len(a)},); got {tuple(out.shape)}")
+            raise ValueError(
+                f"f must return one scalar per path point, shape ({len(a)},); got {tuple(out.shape)}"
+            )
         (grads,) = torch.autograd.grad(out.sum(), path)
-        w = weights[start:start + batch_size].to(x.device).view(-1, *([1] * x.dim()))
+        w = weights[start : start + batch_size].to(x.device).view(-1, *([1] * x.dim()))
         total += (w * grads.float()).sum(0)
     return (x - baseline).float() * total
 
 
-def masked_lm_target(model: BertForMaskedLM, input_ids: torch.Tensor, position: int,
-                     gene_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def masked_lm_target(
+    model: BertForMaskedLM, input_ids: torch.Tensor, position: int, gene_id: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """f(word embeddings [k, S, H]) -> the logit of `gene_id` at `position` of one cell [S], for each of k inputs.
 
     The word-embedding lookup is replaced by the given embeddings through a forward hook (positions, LayerNorm
@@ -99,9 +109,17 @@ class GeneAttribution:
     attribution: float  # summed over the hidden dimension
 
 
-def gene_attributions(model: BertForMaskedLM, vocab: Vocabulary, input_ids: torch.Tensor, position: int,
-                      gene_id: int, *, steps: int = 32, baseline: str = "pad",
-                      method: str = "trapezoid") -> tuple[list[GeneAttribution], float, float]:
+def gene_attributions(
+    model: BertForMaskedLM,
+    vocab: Vocabulary,
+    input_ids: torch.Tensor,
+    position: int,
+    gene_id: int,
+    *,
+    steps: int = 32,
+    baseline: str = "pad",
+    method: str = "trapezoid",
+) -> tuple[list[GeneAttribution], float, float]:
     """Per-gene IG of the masked-LM logit of gene_id at position; sorted by |attribution|, largest first.
     Also returns f(x) - f(baseline) and the completeness gap (sum of attributions minus that)."""
     model.eval()
@@ -112,7 +130,9 @@ def gene_attributions(model: BertForMaskedLM, vocab: Vocabulary, input_ids: torc
     with torch.no_grad():
         end, start = f(torch.stack([x, base])).tolist()
     delta = end - start
-    rows = [GeneAttribution(p, int(t), vocab.tokens[int(t)], float(a))
-            for p, (t, a) in enumerate(zip(input_ids.tolist(), attr.tolist(), strict=True))]
+    rows = [
+        GeneAttribution(p, int(t), vocab.tokens[int(t)], float(a))
+        for p, (t, a) in enumerate(zip(input_ids.tolist(), attr.tolist(), strict=True))
+    ]
     rows.sort(key=lambda r: -abs(r.attribution))
     return rows, delta, float(attr.sum()) - delta

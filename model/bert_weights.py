@@ -39,8 +39,10 @@ def weights_path(model_dir: Path) -> Path:
     for name in WEIGHT_FILES:
         if (model_dir / name).is_file():
             return model_dir / name
-    raise FileNotFoundError(f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
-                            "(sharded checkpoints: merge them first)")
+    raise FileNotFoundError(
+        f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
+        "(sharded checkpoints: merge them first)"
+    )
 
 
 def verify_export_checksums(model_dir: Path, names: tuple[str, ...] = (*WEIGHT_FILES, "config.json")) -> None:
@@ -51,12 +53,19 @@ def verify_export_checksums(model_dir: Path, names: tuple[str, ...] = (*WEIGHT_F
     try:
         expected = dict(json.loads(record_path.read_text())[CHECKSUM_ALGORITHM])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{record_path}: unreadable ({error}); re-export the model or delete this file") from None
-    problems = [checksum_problem(model_dir / name, crc) for name, crc in expected.items()
-                if name in names and (model_dir / name).is_file()]
+        raise ValueError(
+            f"{record_path}: unreadable ({error}); re-export the model or delete this file"
+        ) from None
+    problems = [
+        checksum_problem(model_dir / name, crc)
+        for name, crc in expected.items()
+        if name in names and (model_dir / name).is_file()
+    ]
     problems = [p for p in problems if p]
     if problems:
-        named = "; ".join(f"{model_dir / problem}".replace("the manifest", CHECKSUMS_NAME) for problem in problems)
+        named = "; ".join(
+            f"{model_dir / problem}".replace("the manifest", CHECKSUMS_NAME) for problem in problems
+        )
         raise ValueError(f"{named}. The files changed after export: copy or export the model again")
 
 
@@ -74,12 +83,16 @@ def load_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
-                         "only load weights from sources you trust, preferably as model.safetensors") from None
+        raise ValueError(
+            f"{path}: refused, it holds more than tensors ({str(error).splitlines()[0]}); "
+            "only load weights from sources you trust, preferably as model.safetensors"
+        ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
         first_line = (str(error).splitlines() or [""])[0]
-        raise ValueError(f"{path}: unreadable weights ({type(error).__name__}: {first_line}); the file is truncated "
-                         "or corrupt: copy, download or export the model again") from None
+        raise ValueError(
+            f"{path}: unreadable weights ({type(error).__name__}: {first_line}); the file is truncated "
+            "or corrupt: copy, download or export the model again"
+        ) from None
 
 
 def normalize_stock_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,18 +113,24 @@ def check_against_config(sd: dict[str, torch.Tensor], config: BertTEConfig, sour
     """Vocabulary, positions and hidden size in the checkpoint must agree with the config."""
     checks = {
         _WORD_EMBEDDINGS_KEY: ((config.vocab_size, config.hidden_size), "vocab_size / hidden_size"),
-        "bert.embeddings.position_embeddings.weight": ((config.max_position_embeddings, config.hidden_size),
-                                                       "max_position_embeddings / hidden_size"),
+        "bert.embeddings.position_embeddings.weight": (
+            (config.max_position_embeddings, config.hidden_size),
+            "max_position_embeddings / hidden_size",
+        ),
         "cls.predictions.bias": ((config.vocab_size,), "vocab_size"),
     }
     for key, (shape, fields) in checks.items():
         if key in sd and tuple(sd[key].shape) != shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(sd[key].shape)} but the config ({fields}) needs "
-                             f"{shape}; the checkpoint and config (or vocabulary) disagree")
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(sd[key].shape)} but the config ({fields}) needs "
+                f"{shape}; the checkpoint and config (or vocabulary) disagree"
+            )
     reference = _stock_shapes(config)
     for key, value in sd.items():
         if key in reference and tuple(value.shape) != reference[key]:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config needs {reference[key]}")
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the config needs {reference[key]}"
+            )
 
 
 def _stock_shapes(config: BertTEConfig) -> dict[str, tuple[int, ...]]:
@@ -120,22 +139,36 @@ def _stock_shapes(config: BertTEConfig) -> dict[str, tuple[int, ...]]:
         _WORD_EMBEDDINGS_KEY: (v, h),
         "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
         "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
-        "bert.embeddings.LayerNorm.weight": (h,), "bert.embeddings.LayerNorm.bias": (h,),
-        "cls.predictions.transform.dense.weight": (h, h), "cls.predictions.transform.dense.bias": (h,),
-        "cls.predictions.transform.LayerNorm.weight": (h,), "cls.predictions.transform.LayerNorm.bias": (h,),
-        "cls.predictions.bias": (v,), TIED_DECODER_KEY: (v, h),
+        "bert.embeddings.LayerNorm.weight": (h,),
+        "bert.embeddings.LayerNorm.bias": (h,),
+        "cls.predictions.transform.dense.weight": (h, h),
+        "cls.predictions.transform.dense.bias": (h,),
+        "cls.predictions.transform.LayerNorm.weight": (h,),
+        "cls.predictions.transform.LayerNorm.bias": (h,),
+        "cls.predictions.bias": (v,),
+        TIED_DECODER_KEY: (v, h),
     }
     for n in range(config.num_hidden_layers):
         p = f"bert.encoder.layer.{n}."
         for name in ("query", "key", "value"):
-            shapes[f"{p}attention.self.{name}.weight"], shapes[f"{p}attention.self.{name}.bias"] = (h, h), (h,)
-        shapes.update({
-            f"{p}attention.output.dense.weight": (h, h), f"{p}attention.output.dense.bias": (h,),
-            f"{p}attention.output.LayerNorm.weight": (h,), f"{p}attention.output.LayerNorm.bias": (h,),
-            f"{p}intermediate.dense.weight": (i, h), f"{p}intermediate.dense.bias": (i,),
-            f"{p}output.dense.weight": (h, i), f"{p}output.dense.bias": (h,),
-            f"{p}output.LayerNorm.weight": (h,), f"{p}output.LayerNorm.bias": (h,),
-        })
+            shapes[f"{p}attention.self.{name}.weight"], shapes[f"{p}attention.self.{name}.bias"] = (
+                (h, h),
+                (h,),
+            )
+        shapes.update(
+            {
+                f"{p}attention.output.dense.weight": (h, h),
+                f"{p}attention.output.dense.bias": (h,),
+                f"{p}attention.output.LayerNorm.weight": (h,),
+                f"{p}attention.output.LayerNorm.bias": (h,),
+                f"{p}intermediate.dense.weight": (i, h),
+                f"{p}intermediate.dense.bias": (i,),
+                f"{p}output.dense.weight": (h, i),
+                f"{p}output.dense.bias": (h,),
+                f"{p}output.LayerNorm.weight": (h,),
+                f"{p}output.LayerNorm.bias": (h,),
+            }
+        )
     return shapes
 
 
@@ -155,14 +188,16 @@ _TE_RENAMES = {
 _LAYER_PREFIX = "bert.encoder.layer."
 
 
-def _layer_entries(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
-                   ) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+def _layer_entries(
+    sd: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+) -> Iterator[tuple[str, str, str, torch.Tensor]]:
     """(key, layer prefix, name within the layer, value) of each encoder-layer entry; others are copied to `out`."""
     for key, value in sd.items():
         if not key.startswith(_LAYER_PREFIX):
             out[key] = value
             continue
-        index, _, rest = key[len(_LAYER_PREFIX):].partition(".")
+        index, _, rest = key[len(_LAYER_PREFIX) :].partition(".")
         yield key, f"{_LAYER_PREFIX}{index}.", rest, value
 
 
@@ -172,7 +207,7 @@ def stock_to_te_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, prefix, rest, value in _layer_entries(sd, out):
         if rest.startswith("attention.self."):
-            which, kind = rest[len("attention.self."):].split(".")
+            which, kind = rest[len("attention.self.") :].split(".")
             qkv.setdefault((prefix, kind), {})[which] = value
         elif rest in _TE_RENAMES:
             out[prefix + _TE_RENAMES[rest]] = value
@@ -180,8 +215,12 @@ def stock_to_te_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             raise ValueError(f"state dict key {key} has no Transformer Engine counterpart")
     for (prefix, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
-            raise ValueError(f"{prefix}attention.self.*.{kind}: need query, key and value, got {sorted(parts)}")
-        out[f"{prefix}self_attention.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+            raise ValueError(
+                f"{prefix}attention.self.*.{kind}: need query, key and value, got {sorted(parts)}"
+            )
+        out[f"{prefix}self_attention.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
     return out
 
 

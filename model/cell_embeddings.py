@@ -25,7 +25,9 @@ class PooledCells:
     probabilities: np.ndarray | None = None  # float32 [n, classes], for a classifier
 
 
-def inference_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def inference_autocast(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
     """`--precision` of the inference tools: auto = bf16 autocast on CUDA and fp32 on CPU; fp32; bf16."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not bf16:
@@ -37,8 +39,10 @@ def check_layer(model: nn.Module, layer: int) -> int:
     """The index into the hidden states (0 = embeddings output, L = last layer; negative counts from the end)."""
     n = len(model.bert.encoder.layer)
     if not -(n + 1) <= layer <= n:
-        raise ValueError(f"--layer {layer} is out of range for a model of {n} layers; use -{n + 1}..{n} "
-                         "(0 = embedding output, -1 = last layer)")
+        raise ValueError(
+            f"--layer {layer} is out of range for a model of {n} layers; use -{n + 1}..{n} "
+            "(0 = embedding output, -1 = last layer)"
+        )
     return layer
 
 
@@ -47,8 +51,10 @@ def check_pooling(pooling: str, cls_id: int | None) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"--pooling {pooling!r} unknown; use one of {POOLINGS}")
     if pooling == "cls" and cls_id is None:
-        raise ValueError("--pooling cls needs a model whose vocabulary has <cls> (Geneformer V2); "
-                         "use --pooling mean for V1 models")
+        raise ValueError(
+            "--pooling cls needs a model whose vocabulary has <cls> (Geneformer V2); "
+            "use --pooling mean for V1 models"
+        )
 
 
 def pack_cells(cells: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +68,16 @@ def pack_cells(cells: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.from_numpy(cu).to(torch.int32)
 
 
-def _segment_mean(hidden: torch.Tensor, cell_of_token: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+def _segment_mean(
+    hidden: torch.Tensor, cell_of_token: torch.Tensor, keep: torch.Tensor, n: int
+) -> torch.Tensor:
     """Mean of the kept rows of `hidden` [T, H] within each cell, in float32."""
     weights = keep.to(torch.float32)
     # A sparse [n, T] selection times the hidden states: several times faster on CPU than index_add_.
     at = torch.stack([cell_of_token, torch.arange(len(cell_of_token), device=hidden.device)])
-    select = torch.sparse_coo_tensor(at, weights, (n, hidden.shape[0]), is_coalesced=True, check_invariants=False)
+    select = torch.sparse_coo_tensor(
+        at, weights, (n, hidden.shape[0]), is_coalesced=True, check_invariants=False
+    )
     sums = torch.sparse.mm(select, hidden.float())
     counts = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add_(0, cell_of_token, weights)
     if bool((counts == 0).any()):
@@ -76,9 +86,16 @@ def _segment_mean(hidden: torch.Tensor, cell_of_token: torch.Tensor, keep: torch
 
 
 @torch.no_grad()
-def pool_cells(model: nn.Module, cells: Sequence[np.ndarray], *, layer: int, pooling: str,
-               special_ids: tuple[int, ...], device: torch.device,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> PooledCells:
+def pool_cells(
+    model: nn.Module,
+    cells: Sequence[np.ndarray],
+    *,
+    layer: int,
+    pooling: str,
+    special_ids: tuple[int, ...],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> PooledCells:
     """Embeddings of `cells` (token-id arrays) at hidden state `layer`, pooled by `pooling`; a model with a
     classification head (finetuning's BertForCellClassification) also gives its class probabilities."""
     ids, cu = pack_cells(cells)
@@ -91,8 +108,9 @@ def pool_cells(model: nn.Module, cells: Sequence[np.ndarray], *, layer: int, poo
     if pooling == "cls":
         vectors = hidden[layer][0, starts].float()
     else:
-        cell_of_token = torch.repeat_interleave(torch.arange(len(cells), device=device),
-                                                (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).long())
+        cell_of_token = torch.repeat_interleave(
+            torch.arange(len(cells), device=device), (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).long()
+        )
         keep = ~torch.isin(ids[0], torch.tensor(special_ids, dtype=ids.dtype, device=device))
         vectors = _segment_mean(hidden[layer][0], cell_of_token, keep, len(cells))
     out = PooledCells(vectors=vectors.cpu().numpy().astype(np.float32))

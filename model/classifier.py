@@ -38,7 +38,9 @@ class BertBody(BertModel):
 @dataclass
 class ClassifierOutput:
     logits: torch.Tensor  # [B, num_labels]
-    loss: torch.Tensor | None = None  # mean cross-entropy over the batch's labelled cells, when labels are given
+    loss: torch.Tensor | None = (
+        None  # mean cross-entropy over the batch's labelled cells, when labels are given
+    )
 
 
 class BertForCellClassification(nn.Module):
@@ -55,11 +57,14 @@ class BertForCellClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     @classmethod
-    def from_masked_lm_dir(cls, model_dir: str | Path, id2label: dict[int, str], *, seed: int) -> BertForCellClassification:
+    def from_masked_lm_dir(
+        cls, model_dir: str | Path, id2label: dict[int, str], *, seed: int
+    ) -> BertForCellClassification:
         """Body from an exported (stock-layout) masked-LM directory; a new pooler and classifier, N(0, 0.02)."""
         mlm = BertForMaskedLM.from_pretrained(model_dir)
-        config = BertTEConfig.from_dict({**mlm.config.to_dict(), "id2label": id2label,
-                                         "label2id": {v: k for k, v in id2label.items()}})
+        config = BertTEConfig.from_dict(
+            {**mlm.config.to_dict(), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        )
         torch.manual_seed(seed)  # the same new head on every rank
         model = cls(config)
         model.bert.embeddings = mlm.bert.embeddings
@@ -74,19 +79,26 @@ class BertForCellClassification(nn.Module):
         """Load a classifier exported by finetune.py (or any stock BertForSequenceClassification directory)."""
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} has no config.json; is it an exported classifier directory?")
+            raise FileNotFoundError(
+                f"{model_dir} has no config.json; is it an exported classifier directory?"
+            )
         config = BertTEConfig.from_pretrained(str(model_dir))
         # Buffers stock BERT may save alongside the weights; they carry nothing to learn.
-        sd = {k: v for k, v in load_weights(model_dir).items()
-              if k not in ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")}
+        sd = {
+            k: v
+            for k, v in load_weights(model_dir).items()
+            if k not in ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+        }
         model = cls(config)
         if config.use_te_layers:
             sd = stock_to_te_state_dict(sd)
         result = model.load_state_dict(sd, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
-            raise ValueError(f"{model_dir}: weights do not match a BERT sequence classifier of its config: "
-                             f"missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
+            raise ValueError(
+                f"{model_dir}: weights do not match a BERT sequence classifier of its config: "
+                f"missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
         return model
 
     def freeze(self, n_layers: int) -> None:
@@ -104,8 +116,12 @@ class BertForCellClassification(nn.Module):
         # Stock BERT pools the first token (a <cls> in V2 vocabularies, the top-ranked gene in V1).
         return self.classifier(self.dropout(self.bert.pooler(first_token)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ClassifierOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
         layout, position_ids = padded_layout(input_ids, attention_mask)

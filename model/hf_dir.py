@@ -61,7 +61,8 @@ def write_tokenizer_files(vocab: Vocabulary, out_dir: Path) -> None:
     if vocab.cell_ends is not None:
         special |= {"cls_token": "<cls>", "sep_token": "<eos>"}
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="<cls> $A <eos>", special_tokens=[("<cls>", vocab.cls_id), ("<eos>", vocab.eos_id)])
+            single="<cls> $A <eos>", special_tokens=[("<cls>", vocab.cls_id), ("<eos>", vocab.eos_id)]
+        )
     tokenizer.add_special_tokens(list(special.values()))
     tokenizer.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
@@ -74,17 +75,27 @@ def write_tokenizer_files(vocab: Vocabulary, out_dir: Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def export_model_dir(state_dict: dict[str, torch.Tensor], config: BertTEConfig, out_dir: Path,
-                     vocab: Vocabulary | None, *, overwrite: bool = False) -> Path:
+def export_model_dir(
+    state_dict: dict[str, torch.Tensor],
+    config: BertTEConfig,
+    out_dir: Path,
+    vocab: Vocabulary | None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write model.safetensors + config.json (+ tokenizer files when `vocab` is given) to `out_dir` atomically."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"export target {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"export target {out_dir} is not empty; choose a new directory or pass overwrite=True")
+        raise FileExistsError(
+            f"export target {out_dir} is not empty; choose a new directory or pass overwrite=True"
+        )
     if vocab is not None and vocab.size != config.vocab_size:
-        raise ValueError(f"vocabulary has {vocab.size} tokens but the model config has vocab_size "
-                         f"{config.vocab_size}; export with the vocabulary the model was trained on")
+        raise ValueError(
+            f"vocabulary has {vocab.size} tokens but the model config has vocab_size "
+            f"{config.vocab_size}; export with the vocabulary the model was trained on"
+        )
     tensors = _stock_tensors(state_dict)
     config_dict = config.to_dict()
     for field in RECIPE_ONLY_FIELDS:
@@ -103,8 +114,9 @@ def write_checksums(directory: Path) -> None:
         make_umask_readable(path)  # safetensors writes 0600 whatever the umask
 
 
-def write_model_dir(out_dir: Path, tensors: dict[str, torch.Tensor], config_dict: dict,
-                    vocab: Vocabulary | None) -> Path:
+def write_model_dir(
+    out_dir: Path, tensors: dict[str, torch.Tensor], config_dict: dict, vocab: Vocabulary | None
+) -> Path:
     """Write weights, config.json and tokenizer files into a temporary folder, then rename it into place.
 
     A crash or a full disk leaves either the previous directory or the new one, never a half-written one.

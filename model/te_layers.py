@@ -19,8 +19,10 @@ _TE_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gel
 
 def te_activation(hidden_act: str) -> str:
     if hidden_act not in _TE_ACTIVATIONS:
-        raise ValueError(f"hidden_act {hidden_act!r} has no exact Transformer Engine counterpart; "
-                         f"use one of {sorted(_TE_ACTIVATIONS)} or set use_te_layers=false")
+        raise ValueError(
+            f"hidden_act {hidden_act!r} has no exact Transformer Engine counterpart; "
+            f"use one of {sorted(_TE_ACTIVATIONS)} or set use_te_layers=false"
+        )
     return _TE_ACTIVATIONS[hidden_act]
 
 
@@ -35,9 +37,15 @@ class TEBertLayer(te.TransformerLayer):
         if layout.packed_index is not None:
             self._set_format("thd")
             cu = layout.cu_seqlens.to(device=x.device, dtype=torch.int32)
-            out = super().forward(x[0], attention_mask=None, self_attn_mask_type="padding",
-                                  cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                  max_seqlen_q=layout.max_seqlen, max_seqlen_kv=layout.max_seqlen)
+            out = super().forward(
+                x[0],
+                attention_mask=None,
+                self_attn_mask_type="padding",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                max_seqlen_q=layout.max_seqlen,
+                max_seqlen_kv=layout.max_seqlen,
+            )
             return out.unsqueeze(0), qkv
         self._set_format("bshd")
         if layout.key_mask is None:

@@ -28,7 +28,8 @@ class _FlashVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float):  # type: ignore[override]
         out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False)
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
         ctx.max_seqlen, ctx.dropout_p = max_seqlen, dropout_p
         return out
@@ -37,19 +38,44 @@ class _FlashVarlen(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-            ctx.dropout_p, False, rng_state, unused)
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.max_seqlen,
+            ctx.dropout_p,
+            False,
+            rng_state,
+            unused,
+        )
         return dq, dk, dv, None, None, None
 
 
-def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_seqlen: int, dropout_p: float = 0.0) -> torch.Tensor:
+def flash_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """q, k, v: [T, heads, d] packed cells -> context [T, heads, d]; cu_seqlens: int32 [n_cells + 1] on q's device."""
     return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p)
 
 
-def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_index: torch.Tensor,
-                   grid_mask: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def grid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed_index: torch.Tensor,
+    grid_mask: torch.Tensor,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """The portable path: q, k, v [T, heads, d] -> [T, heads, d] through an [n_cells, max_seqlen] padded grid.
 
     `packed_index` is each token's slot in the flattened grid and `grid_mask` [n, 1, 1, max_seqlen] its key mask;
@@ -63,5 +89,7 @@ def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_ind
         grid[packed_index] = x
         return grid.view(n, s, heads, d).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(to_grid(q), to_grid(k), to_grid(v), attn_mask=grid_mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(
+        to_grid(q), to_grid(k), to_grid(v), attn_mask=grid_mask, dropout_p=dropout_p
+    )
     return out.transpose(1, 2).reshape(n * s, heads, d)[packed_index]

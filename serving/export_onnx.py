@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.export_onnx")
 
-OUTPUTS = ("logits", "hidden")  # full masked-LM logits [B,S,V], or the last hidden states [B,S,H] (embeddings)
+OUTPUTS = (
+    "logits",
+    "hidden",
+)  # full masked-LM logits [B,S,V], or the last hidden states [B,S,H] (embeddings)
 FP32_NAME, INT8_NAME = "model.onnx", "model.int8.onnx"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
 
@@ -40,7 +43,9 @@ ServedModel = BertForMaskedLM | BertForCellClassification
 def load_served_model(model_dir: str | os.PathLike) -> ServedModel:
     """The model a directory's config.json names: a fine-tuned sequence classifier, else a masked-LM model."""
     config_path = Path(model_dir) / "config.json"
-    architectures = json.loads(config_path.read_text()).get("architectures", []) if config_path.is_file() else []
+    architectures = (
+        json.loads(config_path.read_text()).get("architectures", []) if config_path.is_file() else []
+    )
     if CLASSIFIER_ARCHITECTURE in architectures:
         return BertForCellClassification.from_pretrained(model_dir).eval()
     return BertForMaskedLM.from_pretrained(model_dir).eval()
@@ -58,7 +63,9 @@ class ServingWrapper(nn.Module):
         if output not in OUTPUTS:
             raise ValueError(f"output {output!r} is unknown; choose one of {OUTPUTS}")
         if output == "hidden" and isinstance(model, BertForCellClassification):
-            raise ValueError("a classifier exports its logits only; export its masked-LM model for hidden states")
+            raise ValueError(
+                "a classifier exports its logits only; export its masked-LM model for hidden states"
+            )
         self.model, self.output = model, output
 
     @property
@@ -81,7 +88,9 @@ class ExportReport:
     fp32_bytes: int
     int8_bytes: int | None
     fp32_bytes_unshared: int  # before store_repeats_once: the tied embedding stored twice
-    fused: dict[str, int] = field(default_factory=dict)  # onnxruntime contrib ops the optimizer made; {} = not optimized
+    fused: dict[str, int] = field(
+        default_factory=dict
+    )  # onnxruntime contrib ops the optimizer made; {} = not optimized
 
 
 @contextmanager
@@ -108,13 +117,15 @@ def require_onnx() -> None:
         raise ImportError(f"ONNX serving needs {' and '.join(missing)}: pip install onnx onnxruntime")
 
 
-def example_inputs(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(
+    vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A right-padded batch. Tracing with padding matters: the model skips the key mask when nothing is padded,
     and the traced graph keeps whichever branch the example took; with padding the mask is always applied."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[-1, length // 2:] = 0
+    mask[-1, length // 2 :] = 0
     ids[mask == 0] = 0
     return ids, mask
 
@@ -122,7 +133,9 @@ def example_inputs(vocab_size: int, batch: int = 2, length: int = 16, seed: int 
 SDPA = "aten::scaled_dot_product_attention"
 
 
-def _eager_attention(g, query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool):
+def _eager_attention(
+    g, query, key, value, attn_mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool
+):
     """ONNX for SDPA as BERT's eager attention: softmax(q k^T / sqrt(d) + (1 - mask) * min) v.
 
     torch's own SDPA export (Where(mask, 0, -inf), sqrt'd scales, an IsNaN guard after Softmax) matches none of
@@ -135,15 +148,22 @@ def _eager_attention(g, query, key, value, attn_mask, dropout_p: float, is_causa
 
     head_dim = symbolic_helper._get_tensor_sizes(query)[-1]
     if dropout_p or is_causal or enable_gqa or not symbolic_helper._is_none(scale) or head_dim is None:
-        raise NotImplementedError("the fusable attention export covers eval SDPA (key mask, default scale) only")
+        raise NotImplementedError(
+            "the fusable attention export covers eval SDPA (key mask, default scale) only"
+        )
     scores = g.op("MatMul", query, g.op("Transpose", key, perm_i=[0, 1, 3, 2]))
     scores = g.op("Div", scores, g.op("Constant", value_t=torch.tensor(math.sqrt(head_dim))))
     if not symbolic_helper._is_none(attn_mask):
         bias = attn_mask
         if attn_mask.type().scalarType() == "Bool":
-            dropped = g.op("Sub", g.op("Constant", value_t=torch.tensor(1.0)),
-                           g.op("Cast", attn_mask, to_i=TensorProto.FLOAT))
-            bias = g.op("Mul", dropped, g.op("Constant", value_t=torch.tensor(torch.finfo(torch.float32).min)))
+            dropped = g.op(
+                "Sub",
+                g.op("Constant", value_t=torch.tensor(1.0)),
+                g.op("Cast", attn_mask, to_i=TensorProto.FLOAT),
+            )
+            bias = g.op(
+                "Mul", dropped, g.op("Constant", value_t=torch.tensor(torch.finfo(torch.float32).min))
+            )
         scores = g.op("Add", scores, bias)
     return g.op("MatMul", g.op("Softmax", scores, axis_i=-1), value)
 
@@ -173,10 +193,18 @@ def export_fp32(model: ServedModel, path: Path, *, output: str = "logits", opset
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
         torch.onnx.export(
-            wrapper, (ids, mask), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["input_ids", "attention_mask"], output_names=[output],
-            dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                          output: output_axes},
+            wrapper,
+            (ids, mask),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input_ids", "attention_mask"],
+            output_names=[output],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "length"},
+                "attention_mask": {0: "batch", 1: "length"},
+                output: output_axes,
+            },
         )
     return path
 
@@ -189,13 +217,25 @@ def fuse_for_onnxruntime(path: Path, config: transformers.PretrainedConfig) -> d
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
-    options.use_raw_attention_mask(True)  # the [B,S] mask as given; the default (lengths) assumes right padding
-    optimized = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size, opt_level=0, optimization_options=options)
+    options.use_raw_attention_mask(
+        True
+    )  # the [B,S] mask as given; the default (lengths) assumes right padding
+    optimized = optimize_model(
+        str(path),
+        model_type="bert",
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        opt_level=0,
+        optimization_options=options,
+    )
     fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
     if fused.get("Attention", 0) != config.num_hidden_layers:
-        log.warning("%s: %d of %d attention layers fused; the rest run as separate nodes (slower, still checked)",
-                    path, fused.get("Attention", 0), config.num_hidden_layers)
+        log.warning(
+            "%s: %d of %d attention layers fused; the rest run as separate nodes (slower, still checked)",
+            path,
+            fused.get("Attention", 0),
+            config.num_hidden_layers,
+        )
     with _replacing(path) as tmp:
         optimized.save_model_to_file(str(tmp))
     return fused
@@ -211,13 +251,25 @@ def session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSess
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess: onnxruntime.InferenceSession, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray) -> np.ndarray:
-    feed = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+def run_session(
+    sess: onnxruntime.InferenceSession,
+    input_ids: torch.Tensor | np.ndarray,
+    attention_mask: torch.Tensor | np.ndarray,
+) -> np.ndarray:
+    feed = {
+        "input_ids": np.asarray(input_ids, dtype=np.int64),
+        "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+    }
     return sess.run(None, feed)[0]
 
 
-def check_against_torch(model: ServedModel, onnx_path: Path, *, output: str = "logits",
-                        shapes: tuple[tuple[int, int], ...] = ((1, 8), (3, 24), (4, 40))) -> float:
+def check_against_torch(
+    model: ServedModel,
+    onnx_path: Path,
+    *,
+    output: str = "logits",
+    shapes: tuple[tuple[int, int], ...] = ((1, 8), (3, 24), (4, 40)),
+) -> float:
     """Largest |ONNX - PyTorch| over padded batches of shapes other than the traced one (proves dynamic axes)."""
     wrapper = ServingWrapper(model.eval(), output).eval()
     sess = session(onnx_path)
@@ -228,7 +280,9 @@ def check_against_torch(model: ServedModel, onnx_path: Path, *, output: str = "l
             expected = wrapper(ids, mask).numpy()
         got = run_session(sess, ids, mask)
         if got.shape != expected.shape:
-            raise AssertionError(f"{onnx_path}: output shape {got.shape} != PyTorch {expected.shape} for batch {b}, length {s}")
+            raise AssertionError(
+                f"{onnx_path}: output shape {got.shape} != PyTorch {expected.shape} for batch {b}, length {s}"
+            )
         worst = max(worst, float(np.abs(got - expected).max()))
     return worst
 
@@ -266,7 +320,9 @@ def store_repeats_once(path: Path) -> int:
             continue
         array = numpy_helper.to_array(init)
         candidates = kept.setdefault((init.data_type, tuple(sorted(init.dims))), [])
-        node = next((n for name, a in candidates if (n := _alias_node(name, a, init.name, array)) is not None), None)
+        node = next(
+            (n for name, a in candidates if (n := _alias_node(name, a, init.name, array)) is not None), None
+        )
         if node is None:
             candidates.append((init.name, array))
         else:
@@ -306,18 +362,33 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    overrides = {name: [{"quant_type": QuantType.QInt8, "reduce_range": True}] for name in _gather_tables(fp32_path)}
+    overrides = {
+        name: [{"quant_type": QuantType.QInt8, "reduce_range": True}] for name in _gather_tables(fp32_path)
+    }
     with _replacing(int8_path) as tmp:
         # onnx's shape inference cannot type the outputs of a fused graph's contrib ops (Attention,
         # SkipLayerNormalization); every activation here is fp32.
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, reduce_range=True,
-                         extra_options={"TensorQuantOverrides": overrides, "DefaultTensorType": TensorProto.FLOAT})
+        quantize_dynamic(
+            str(fp32_path),
+            str(tmp),
+            weight_type=QuantType.QInt8,
+            reduce_range=True,
+            extra_options={"TensorQuantOverrides": overrides, "DefaultTensorType": TensorProto.FLOAT},
+        )
         store_repeats_once(tmp)
     return int8_path
 
 
-def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, output: str = "logits",
-                 int8: bool = True, atol: float = 1e-4, opset: int = 17, optimize: bool = True) -> ExportReport:
+def export_model(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    output: str = "logits",
+    int8: bool = True,
+    atol: float = 1e-4,
+    opset: int = 17,
+    optimize: bool = True,
+) -> ExportReport:
     """model_dir (masked-LM or classifier) -> out_dir/model.onnx (+ model.int8.onnx); raises when ONNX and PyTorch
     differ by more than atol. `optimize` fuses for onnxruntime (contrib ops: the file then needs onnxruntime);
     the INT8 copy is quantized from the fused graph, so its attention runs as one QAttention node."""
@@ -331,35 +402,73 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ou
     store_repeats_once(fp32)
     diff = check_against_torch(model, fp32, output=output)
     if not diff <= atol:
-        raise ValueError(f"{fp32}: ONNX output differs from PyTorch by {diff:.3g} (> {atol}); the export is wrong, "
-                         "please report it with the model's config.json")
-    report = ExportReport(str(fp32), str(int8_path) if int8_path else None, output, diff, fp32.stat().st_size,
-                          int8_path.stat().st_size if int8_path else None, unshared_bytes, fused)
+        raise ValueError(
+            f"{fp32}: ONNX output differs from PyTorch by {diff:.3g} (> {atol}); the export is wrong, "
+            "please report it with the model's config.json"
+        )
+    report = ExportReport(
+        str(fp32),
+        str(int8_path) if int8_path else None,
+        output,
+        diff,
+        fp32.stat().st_size,
+        int8_path.stat().st_size if int8_path else None,
+        unshared_bytes,
+        fused,
+    )
     (out / "export.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="exported BertForMaskedLM directory, or the final_model of finetune.py (a classifier)")
-    p.add_argument("--out", required=True, help="output directory for model.onnx, model.int8.onnx and export.json")
-    p.add_argument("--output", choices=OUTPUTS, default="logits",
-                   help="'logits': masked-LM logits [B,S,V] (a classifier's: [B,n_labels]); 'hidden': last hidden "
-                        "states [B,S,H] (cell/gene embeddings, masked-LM models only)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="exported BertForMaskedLM directory, or the final_model of finetune.py (a classifier)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory for model.onnx, model.int8.onnx and export.json"
+    )
+    p.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default="logits",
+        help="'logits': masked-LM logits [B,S,V] (a classifier's: [B,n_labels]); 'hidden': last hidden "
+        "states [B,S,H] (cell/gene embeddings, masked-LM models only)",
+    )
     p.add_argument("--no-int8", action="store_true", help="skip the dynamically quantized INT8 copy")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch|")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--no-optimize", action="store_true",
-                   help="skip onnxruntime's fusions: plain ONNX ops that any runtime runs, but slower in onnxruntime")
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="skip onnxruntime's fusions: plain ONNX ops that any runtime runs, but slower in onnxruntime",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger().handlers[0].addFilter(lambda record: record.name.startswith("serving"))  # quantizer chatter
-    report = export_model(args.model_dir, args.out, output=args.output, int8=not args.no_int8, atol=args.atol,
-                          opset=args.opset, optimize=not args.no_optimize)
+    logging.getLogger().handlers[0].addFilter(
+        lambda record: record.name.startswith("serving")
+    )  # quantizer chatter
+    report = export_model(
+        args.model_dir,
+        args.out,
+        output=args.output,
+        int8=not args.no_int8,
+        atol=args.atol,
+        opset=args.opset,
+        optimize=not args.no_optimize,
+    )
     log.info("fused for onnxruntime: %s", report.fused or "nothing (--no-optimize)")
-    log.info("wrote %s (%.1f MB; %.1f MB before repeated weights were stored once), max |ONNX - PyTorch| = %.2e",
-             report.fp32_path, report.fp32_bytes / 1e6, report.fp32_bytes_unshared / 1e6, report.max_abs_diff)
+    log.info(
+        "wrote %s (%.1f MB; %.1f MB before repeated weights were stored once), max |ONNX - PyTorch| = %.2e",
+        report.fp32_path,
+        report.fp32_bytes / 1e6,
+        report.fp32_bytes_unshared / 1e6,
+        report.max_abs_diff,
+    )
     if report.int8_path:
         log.info("wrote %s (%.1f MB)", report.int8_path, report.int8_bytes / 1e6)
 

@@ -32,15 +32,18 @@ from training.entry import run_entry  # noqa: E402
 
 
 def failing_job(run, ctx) -> None:
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(64, 64),
-                                                                          torch.nn.Linear(64, 8)))
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    )
     optimizer = torch.optim.AdamW(model.parameters())
     for _ in range(2):
         model(torch.randn(16, 64)).square().mean().backward()
         optimizer.step()
     broadcast_object({"good": [], "broken": []})
     dist.broadcast(torch.zeros(1 << 14), src=0, async_op=True)  # gloo work still in flight at the error
-    raise RecipeError(f"rank {ctx.rank}: refused (as a changed run or a failed save is), model still referenced")
+    raise RecipeError(
+        f"rank {ctx.rank}: refused (as a changed run or a failed save is), model still referenced"
+    )
 
 
 def _free_port() -> int:
@@ -50,10 +53,20 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    config = OmegaConf.create({"model": OmegaConf.load(REPO / "hydra_config" / "model" / "tiny.yaml"),
-                               "training": {"device": "cpu"}})
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    config = OmegaConf.create(
+        {
+            "model": OmegaConf.load(REPO / "hydra_config" / "model" / "tiny.yaml"),
+            "training": {"device": "cpu"},
+        }
+    )
     run_entry(config, failing_job)
     # A SystemExit out of run_entry unwinds through main() into a normal interpreter exit, as a real worker's would.
     os._exit(99)  # run_entry returned: the error was lost

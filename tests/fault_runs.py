@@ -13,9 +13,15 @@ from tests.launch import run_entry, train_losses
 FAULT_SHIM = Path(__file__).resolve().parent / "fault_shim"
 STEPS = 8
 # 2-rank FSDP2 with dropout on, a checkpoint every 2 steps: every resumed step must match the reference exactly.
-COMMON = ["training.strategy=fsdp2", f"training.num_train_steps={STEPS}", "training.warmup_steps=2",
-          "checkpoint.every_steps=2", "checkpoint.keep_last=10", "eval.every_steps=100",
-          "model.hidden_dropout_prob=0.1"]
+COMMON = [
+    "training.strategy=fsdp2",
+    f"training.num_train_steps={STEPS}",
+    "training.warmup_steps=2",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=10",
+    "eval.every_steps=100",
+    "model.hidden_dropout_prob=0.1",
+]
 _reference: dict[str, dict[int, float]] = {}
 
 

@@ -18,32 +18,56 @@ V1_VOCAB = SHARED_DATA / "geneformer" / "V1" / "vocab.txt"
 
 # Small, fast settings shared by every launched run: tiny model, short cells, frequent logging.
 FAST = [
-    "logging.progress_bar=false", "logging.log_every=1", "logging.plot=false",
-    "data.num_workers=0", "data.max_tokens=512", "data.builtin_cells=300", "data.heldout_fraction=0.1",
-    "model.max_position_embeddings=128", "eval.max_cells=16",
+    "logging.progress_bar=false",
+    "logging.log_every=1",
+    "logging.plot=false",
+    "data.num_workers=0",
+    "data.max_tokens=512",
+    "data.builtin_cells=300",
+    "data.heldout_fraction=0.1",
+    "model.max_position_embeddings=128",
+    "eval.max_cells=16",
 ]
 
 
 def entry_command(script: str, overrides: list[str], *, tmp: Path, launcher: list[str]) -> list[str]:
     """The command line of an entry point with the fast test settings and a per-test data directory."""
-    return [*launcher, str(REPO / script), f"data.builtin_dir={tmp / 'builtin'}", f"data.cache_dir={tmp / 'cache'}",
-            *FAST, *overrides]
+    return [
+        *launcher,
+        str(REPO / script),
+        f"data.builtin_dir={tmp / 'builtin'}",
+        f"data.cache_dir={tmp / 'cache'}",
+        *FAST,
+        *overrides,
+    ]
 
 
 def launch_env(extra: dict | None = None) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
-def run_entry(script: str, overrides: list[str], *, nproc: int = 1, tmp: Path, timeout: int = 300,
-              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_entry(
+    script: str,
+    overrides: list[str],
+    *,
+    nproc: int = 1,
+    tmp: Path,
+    timeout: int = 300,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `script` (train.py / distill.py / evaluate.py) with hydra overrides, under torchrun when nproc > 1."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = entry_command(script, overrides, tmp=tmp, launcher=launcher)
-    result = subprocess.run(cmd, cwd=tmp, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        cmd, cwd=tmp, env=launch_env(env), capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

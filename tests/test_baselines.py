@@ -29,8 +29,9 @@ CELLS = [
 
 def _corpus(tmp_path, cells=CELLS, max_length=8) -> CellCorpus:
     pq.write_table(pa.table({"input_ids": pa.array(cells, pa.list_(pa.int32()))}), tmp_path / "cells.parquet")
-    return CellCorpus(tmp_path / "cells.parquet", vocab_size=VOCAB.size, max_length=max_length,
-                      cache_dir=tmp_path / "cache")
+    return CellCorpus(
+        tmp_path / "cells.parquet", vocab_size=VOCAB.size, max_length=max_length, cache_dir=tmp_path / "cache"
+    )
 
 
 def test_baselines_are_the_most_frequent_gene_overall_and_at_each_rank_of_the_training_cells(tmp_path):
@@ -55,7 +56,10 @@ def test_held_out_scoring_counts_hits_at_the_masked_positions_of_padded_and_pack
     padded = {"labels": torch.from_numpy(labels)}
     assert heldout_hits(baselines, [padded]).tolist() == [5, 1, 4]
     packed_labels = np.concatenate([labels[0, :4], labels[1, :3]])[None]
-    packed = {"labels": torch.from_numpy(packed_labels), "cu_seqlens": torch.tensor([0, 4, 7], dtype=torch.int32)}
+    packed = {
+        "labels": torch.from_numpy(packed_labels),
+        "cu_seqlens": torch.tensor([0, 4, 7], dtype=torch.int32),
+    }
     assert heldout_hits(baselines, [packed]).tolist() == [5, 1, 4]
 
 

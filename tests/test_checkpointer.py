@@ -81,12 +81,16 @@ def _flip_bytes_inside(directory, key_part: str) -> str:
     index, info = next((i, info) for i, info in storage.items() if key_part in i.fqn)
     shard = directory / info.relative_path
     data = bytearray(shard.read_bytes())
-    data[info.offset: info.offset + info.length] = bytes(255 - b for b in data[info.offset: info.offset + info.length])
+    data[info.offset : info.offset + info.length] = bytes(
+        255 - b for b in data[info.offset : info.offset + info.length]
+    )
     shard.write_bytes(bytes(data))
     return shard.name
 
 
-def test_bytes_flipped_inside_tensor_data_fail_the_checksum_and_the_previous_checkpoint_is_used(tmp_path, caplog):
+def test_bytes_flipped_inside_tensor_data_fail_the_checksum_and_the_previous_checkpoint_is_used(
+    tmp_path, caplog
+):
     _train_and_save(tmp_path, [2, 4])
     shard = _flip_bytes_inside(tmp_path / "step_00000004", "exp_avg")
     state = _state(seed=1)

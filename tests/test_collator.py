@@ -16,8 +16,10 @@ V2_LIKE = Vocabulary(("<pad>", "<mask>", "<cls>", "<eos>") + tuple(f"G{i}" for i
 
 def random_cells(n=64, seed=0, lo=4, hi=400, vocab=V1):
     rng = np.random.default_rng(seed)
-    return [rng.integers(vocab.first_gene_id, vocab.size, size=int(rng.integers(lo, hi))).astype(np.int32)
-            for _ in range(n)]
+    return [
+        rng.integers(vocab.first_gene_id, vocab.size, size=int(rng.integers(lo, hi))).astype(np.int32)
+        for _ in range(n)
+    ]
 
 
 def test_about_15_percent_selected_and_80_10_10_split():
@@ -44,7 +46,7 @@ def test_labels_hold_the_original_token_and_minus_100_elsewhere():
         labels = batch["labels"][row, : len(cell)]
         chosen = labels != -100
         assert torch.equal(labels[chosen], torch.from_numpy(cell.astype(np.int64))[chosen])
-        assert bool((batch["labels"][row, len(cell):] == -100).all())
+        assert bool((batch["labels"][row, len(cell) :] == -100).all())
 
 
 def test_special_tokens_are_never_selected_and_replacements_are_genes():
@@ -78,10 +80,15 @@ def test_masks_are_a_pure_function_of_seed_epoch_batch_index_and_rank():
     first = collator(cells, epoch=1, batch_index=4, rank=2)
     again = MLMCollator(V1, seed=7)(cells, epoch=1, batch_index=4, rank=2)
     assert all(torch.equal(first[k], again[k]) for k in first)
-    for other in ({"epoch": 2, "batch_index": 4, "rank": 2}, {"epoch": 1, "batch_index": 5, "rank": 2},
-                  {"epoch": 1, "batch_index": 4, "rank": 3}):
+    for other in (
+        {"epoch": 2, "batch_index": 4, "rank": 2},
+        {"epoch": 1, "batch_index": 5, "rank": 2},
+        {"epoch": 1, "batch_index": 4, "rank": 3},
+    ):
         assert not torch.equal(collator(cells, **other)["labels"], first["labels"])
-    assert not torch.equal(MLMCollator(V1, seed=8)(cells, epoch=1, batch_index=4, rank=2)["labels"], first["labels"])
+    assert not torch.equal(
+        MLMCollator(V1, seed=8)(cells, epoch=1, batch_index=4, rank=2)["labels"], first["labels"]
+    )
 
 
 def test_padding_to_a_multiple_and_attention_mask():

@@ -15,9 +15,18 @@ pytestmark = pytest.mark.slow  # inductor compiles C++ on the CPU: tens of secon
 
 def _model() -> BertForMaskedLM:
     torch.manual_seed(0)
-    return BertForMaskedLM(BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=64,
-                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _packed_batch(lengths: list[int], seed: int) -> dict:

@@ -34,15 +34,18 @@ def test_every_distillation_config_validates(name):
     assert run.distill is not None and run.distill.kd_weight > 0
 
 
-@pytest.mark.parametrize(("override", "names"), [
-    ("training.strategy=zero3", ["training.strategy", "ddp, fsdp2"]),
-    ("training.num_train_steps=0", ["training.num_train_steps"]),
-    ("data.max_tokens=-5", ["data.max_tokens"]),
-    ("data.mask_prob=1.5", ["data.mask_prob"]),
-    ("training.warmup_steps=1000", ["training.warmup_steps"]),
-    ("training.nonfinite=ignore", ["training.nonfinite", "stop, skip"]),
-    ("training.lr=fast", ["training.lr"]),
-])
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("training.strategy=zero3", ["training.strategy", "ddp, fsdp2"]),
+        ("training.num_train_steps=0", ["training.num_train_steps"]),
+        ("data.max_tokens=-5", ["data.max_tokens"]),
+        ("data.mask_prob=1.5", ["data.mask_prob"]),
+        ("training.warmup_steps=1000", ["training.warmup_steps"]),
+        ("training.nonfinite=ignore", ["training.nonfinite", "stop, skip"]),
+        ("training.lr=fast", ["training.lr"]),
+    ],
+)
 def test_bad_values_name_the_key_and_the_allowed_values(override, names):
     with pytest.raises(ConfigError) as error:
         parse_config(_compose(REPO / "hydra_config", "l0_sanity", [override]))
@@ -55,12 +58,15 @@ def test_unknown_keys_are_refused():
         parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["+training.learning_rate=0.1"]))
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("+model.hiden_size=64", "unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
-    ("+model.fp8=true", "unknown config key 'model.fp8'"),
-    ("model.hidden_size=wide", "config 'model.hidden_size': Value 'wide'"),
-    ("model.use_te_layers=maybe", "config 'model.use_te_layers'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.hiden_size=64", "unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+        ("+model.fp8=true", "unknown config key 'model.fp8'"),
+        ("model.hidden_size=wide", "config 'model.hidden_size': Value 'wide'"),
+        ("model.use_te_layers=maybe", "config 'model.use_te_layers'"),
+    ],
+)
 def test_model_keys_are_checked_against_the_model_schema(override, message):
     with pytest.raises(ConfigError) as error:
         parse_config(_compose(REPO / "hydra_config", "l0_sanity", [override]))
@@ -68,7 +74,9 @@ def test_model_keys_are_checked_against_the_model_schema(override, message):
 
 
 def test_the_model_section_keeps_only_the_keys_it_sets_with_their_checked_types():
-    run = parse_config(_compose(REPO / "hydra_config", "l0_sanity", ["model.hidden_size=48", "model.num_attention_heads=4"]))
+    run = parse_config(
+        _compose(REPO / "hydra_config", "l0_sanity", ["model.hidden_size=48", "model.num_attention_heads=4"])
+    )
     assert run.model["hidden_size"] == 48 and isinstance(run.model["hidden_size"], int)
     assert set(run.model) == set(OmegaConf.load(REPO / "hydra_config" / "model" / "tiny.yaml"))
 
@@ -91,15 +99,22 @@ def test_heads_must_divide_hidden():
         model_config_from_dict(run.model)
 
 
-@pytest.mark.parametrize(("override", "names"), [
-    ("training.fp8=te", ["training.fp8", "model.use_te_layers=true"]),
-    ("training.fp8_recipe=fp4", ["training.fp8_recipe", "delayed, current, mxfp8"]),
-    ("training.fp8=te model.use_te_layers=true model.intermediate_size=520",
-     ["training.fp8", "divisible by 16", "'intermediate_size': 520", "training.fp8=torchao"]),
-])
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("training.fp8=te", ["training.fp8", "model.use_te_layers=true"]),
+        ("training.fp8_recipe=fp4", ["training.fp8_recipe", "delayed, current, mxfp8"]),
+        (
+            "training.fp8=te model.use_te_layers=true model.intermediate_size=520",
+            ["training.fp8", "divisible by 16", "'intermediate_size': 520", "training.fp8=torchao"],
+        ),
+    ],
+)
 def test_fp8_options_are_checked(override, names):
     with pytest.raises(ConfigError) as error:
-        parse_config(_compose(REPO / "hydra_config", "10m", [*override.split(), "data.pad_to_multiple_of=16"]))
+        parse_config(
+            _compose(REPO / "hydra_config", "10m", [*override.split(), "data.pad_to_multiple_of=16"])
+        )
     for name in names:
         assert name in str(error.value)
 
@@ -119,15 +134,28 @@ def test_mxfp8_needs_widths_and_padding_divisible_by_32():
     with pytest.raises(ConfigError, match="divisible by 32"):
         parse_config(_compose(REPO / "hydra_config", "10m", [*te, "training.fp8_recipe=mxfp8"]))
     with pytest.raises(ConfigError, match="data.pad_to_multiple_of.*multiple of 32"):
-        parse_config(_compose(REPO / "hydra_config", "10m", ["training.fp8=te", "model.use_te_layers=true",
-                                                            "training.fp8_recipe=mxfp8", "data.packed=false",
-                                                            "data.pad_to_multiple_of=16"]))
+        parse_config(
+            _compose(
+                REPO / "hydra_config",
+                "10m",
+                [
+                    "training.fp8=te",
+                    "model.use_te_layers=true",
+                    "training.fp8_recipe=mxfp8",
+                    "data.packed=false",
+                    "data.pad_to_multiple_of=16",
+                ],
+            )
+        )
 
 
 def test_relation_loss_refuses_packed_batches():
     # Packed cells share one row; relations over it would mix cells, so the combination is refused.
     with pytest.raises(ConfigError, match="distill.relation_weight.*data.packed=false"):
         parse_config(_compose(REPO / "hydra_config" / "distill", "4m", ["distill.relation_weight=1.0"]))
-    run = parse_config(_compose(REPO / "hydra_config" / "distill", "4m",
-                                ["distill.relation_weight=1.0", "data.packed=false"]))
+    run = parse_config(
+        _compose(
+            REPO / "hydra_config" / "distill", "4m", ["distill.relation_weight=1.0", "data.packed=false"]
+        )
+    )
     assert run.distill.relation_weight == 1.0

@@ -28,6 +28,8 @@ def test_the_documented_docker_run_mounts_the_output_folder_and_the_index_cache(
 
 
 def test_every_path_a_run_writes_by_default_lies_under_outputs():
-    base = OmegaConf.to_container(OmegaConf.load(REPO / "hydra_config" / "base.yaml"))  # interpolations unresolved
+    base = OmegaConf.to_container(
+        OmegaConf.load(REPO / "hydra_config" / "base.yaml")
+    )  # interpolations unresolved
     defaults = [base["output_dir"], base["data"]["builtin_dir"], base["hydra"]["sweep"]["dir"]]
     assert all(str(path).startswith("outputs/") for path in defaults), defaults

@@ -19,7 +19,9 @@ from dataset.split import split_indices
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SAMPLE = SHARED / "genecorpus_500_samples.parquet"
-needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} (real Genecorpus cells) is not present")
+needs_sample = pytest.mark.skipif(
+    not SAMPLE.exists(), reason=f"{SAMPLE} (real Genecorpus cells) is not present"
+)
 
 
 def write_cells(path: Path, cells: list[list[int]], lengths: list[int] | None = None, **extra) -> Path:
@@ -62,15 +64,20 @@ def test_hf_save_to_disk_arrow_dir(tmp_path):
     # The layout `datasets.Dataset.save_to_disk` writes: Arrow IPC stream shards listed in state.json.
     arrow = tmp_path / "arrow"
     arrow.mkdir()
-    shards = [{"input_ids": [[2, 3, 4], [5, 6]], "length": [3, 2], "donor": ["x", "y"]},
-              {"input_ids": [[7]], "length": [1], "donor": ["z"]}]
+    shards = [
+        {"input_ids": [[2, 3, 4], [5, 6]], "length": [3, 2], "donor": ["x", "y"]},
+        {"input_ids": [[7]], "length": [1], "donor": ["z"]},
+    ]
     for k, shard in enumerate(shards):
         table = pa.table(shard)
-        with pa.OSFile(str(arrow / f"data-0000{k}-of-00002.arrow"), "wb") as sink, \
-                pa.ipc.new_stream(sink, table.schema) as writer:
+        with (
+            pa.OSFile(str(arrow / f"data-0000{k}-of-00002.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
             writer.write_table(table)
     (arrow / "state.json").write_text(
-        '{"_data_files": [{"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}')
+        '{"_data_files": [{"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}'
+    )
     (arrow / "dataset_info.json").write_text("{}")
     corpus = CellCorpus(arrow, vocab_size=10, max_length=8, cache_dir=tmp_path / "cache")
     assert [c.tolist() for c in corpus] == [[2, 3, 4], [5, 6], [7]]
@@ -90,7 +97,9 @@ def test_index_is_reused_and_rebuilt_when_the_source_changes(tmp_path):
 
 
 def test_random_access_is_out_of_range_checked(tmp_path):
-    corpus = CellCorpus(write_cells(tmp_path / "c.parquet", [[2]]), vocab_size=10, max_length=8, cache_dir=tmp_path)
+    corpus = CellCorpus(
+        write_cells(tmp_path / "c.parquet", [[2]]), vocab_size=10, max_length=8, cache_dir=tmp_path
+    )
     with pytest.raises(IndexError, match="out of range"):
         corpus[1]
 
@@ -101,13 +110,24 @@ def test_random_access_is_out_of_range_checked(tmp_path):
         (pa.table({"tokens": [[2, 3]]}), r"no 'input_ids' column .*rename"),
         (pa.table({"input_ids": ["2 3"]}), r"'input_ids' has type string; it must be a list of integers"),
         (pa.table({"input_ids": [[2.0, 3.0]]}), r"'input_ids' has type list<\w+: double>"),
-        (pa.table({"input_ids": [[2, 3]], "length": ["2"]}), r"'length' has type string; it must be an integer"),
-        (pa.table({"input_ids": [[2, 3], []], "length": [2, 0]}), r"row 1 \(0-based\) has an empty input_ids.*drop"),
+        (
+            pa.table({"input_ids": [[2, 3]], "length": ["2"]}),
+            r"'length' has type string; it must be an integer",
+        ),
+        (
+            pa.table({"input_ids": [[2, 3], []], "length": [2, 0]}),
+            r"row 1 \(0-based\) has an empty input_ids.*drop",
+        ),
         (pa.table({"input_ids": [[2, 3], None]}), r"row 1 \(0-based\) has a null input_ids"),
-        (pa.table({"input_ids": [[2, 3], [4, 10]]}), r"row 1 \(0-based\) has input_ids token 10 outside \[0, 10\)"),
+        (
+            pa.table({"input_ids": [[2, 3], [4, 10]]}),
+            r"row 1 \(0-based\) has input_ids token 10 outside \[0, 10\)",
+        ),
         (pa.table({"input_ids": [[2, -1]]}), r"row 0 \(0-based\) has input_ids token -1 outside"),
-        (pa.table({"input_ids": [[2, 3], [4]], "length": [2, 3]}),
-         r"row 1 \(0-based\) has length 3 but 1 input_ids; recompute the length column"),
+        (
+            pa.table({"input_ids": [[2, 3], [4]], "length": [2, 3]}),
+            r"row 1 \(0-based\) has length 3 but 1 input_ids; recompute the length column",
+        ),
     ],
 )
 def test_validation_errors_name_file_row_and_fix(tmp_path, table, match):
@@ -121,7 +141,9 @@ def test_validation_errors_name_file_row_and_fix(tmp_path, table, match):
 def test_a_smaller_vocabulary_than_the_index_was_built_for_is_caught(tmp_path):
     path = write_cells(tmp_path / "c.parquet", [[2, 3], [4, 9]])
     CellCorpus(path, vocab_size=10, max_length=8, cache_dir=tmp_path / "cache")
-    with pytest.raises(ValueError, match=r"c.parquet: row 1 \(0-based\) has input_ids token 9 outside \[0, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"c.parquet: row 1 \(0-based\) has input_ids token 9 outside \[0, 5\)"
+    ):
         CellCorpus(path, vocab_size=5, max_length=8, cache_dir=tmp_path / "cache")
 
 
@@ -137,7 +159,9 @@ def test_missing_path_and_dataset_dict_are_explained(tmp_path):
 def test_corpus_pickles_for_dataloader_workers(tmp_path):
     import pickle
 
-    corpus = CellCorpus(write_cells(tmp_path / "c.parquet", [[2, 3]]), vocab_size=10, max_length=8, cache_dir=tmp_path)
+    corpus = CellCorpus(
+        write_cells(tmp_path / "c.parquet", [[2, 3]]), vocab_size=10, max_length=8, cache_dir=tmp_path
+    )
     corpus[0]
     assert pickle.loads(pickle.dumps(corpus))[0].tolist() == [2, 3]
 

@@ -39,8 +39,14 @@ V2 = Vocabulary(("<pad>", "<mask>", "<cls>", "<eos>") + GENES)
 
 def _save_model(path: Path, vocab: Vocabulary, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = BertTEConfig(vocab_size=vocab.size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=64)
+    config = BertTEConfig(
+        vocab_size=vocab.size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     return BertForMaskedLM(config).save_pretrained(path, vocab)
 
 
@@ -50,12 +56,19 @@ def _write_corpus(path: Path, vocab: Vocabulary, n_cells: int, seed: int = 0) ->
     first = vocab.first_gene_id
     cells = []
     for _ in range(n_cells):
-        genes = rng.choice(np.arange(first, vocab.size), size=int(rng.integers(3, 41)), replace=False).tolist()
+        genes = rng.choice(
+            np.arange(first, vocab.size), size=int(rng.integers(3, 41)), replace=False
+        ).tolist()
         cells.append([vocab.cls_id, *genes, vocab.eos_id] if vocab.cls_id is not None else genes)
     path.mkdir(parents=True)
-    table = pa.table({"input_ids": cells, "length": [len(c) for c in cells],
-                      "cell_id": [f"cell{i}" for i in range(n_cells)],
-                      "cell_type": [f"type{i % 3}" for i in range(n_cells)]})
+    table = pa.table(
+        {
+            "input_ids": cells,
+            "length": [len(c) for c in cells],
+            "cell_id": [f"cell{i}" for i in range(n_cells)],
+            "cell_type": [f"type{i % 3}" for i in range(n_cells)],
+        }
+    )
     pq.write_table(table, path / "part-00000.parquet")
     vocab.save(path / "vocab.txt")
     return path
@@ -66,8 +79,18 @@ def _cells_of(corpus: Path) -> list[list[int]]:
 
 
 def _run(model: Path, cells: Path, out: Path, *extra: str) -> Path:
-    return embed.main([str(model), str(cells), "--out", str(out), "--no-progress",
-                       "--cache-dir", str(out.parent / "cache"), *extra])
+    return embed.main(
+        [
+            str(model),
+            str(cells),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--cache-dir",
+            str(out.parent / "cache"),
+            *extra,
+        ]
+    )
 
 
 def _read(path: Path) -> tuple[pa.Table, np.ndarray]:
@@ -91,11 +114,17 @@ def _direct_mean(model_dir: Path, cells: list[list[int]], vocab: Vocabulary, lay
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
-    return {"root": root, "model": _save_model(root / "model", V1), "corpus": _write_corpus(root / "corpus", V1, 60)}
+    return {
+        "root": root,
+        "model": _save_model(root / "model", V1),
+        "corpus": _write_corpus(root / "corpus", V1, 60),
+    }
 
 
 def test_embeddings_equal_a_direct_forward_pass_in_input_order_with_metadata(v1, tmp_path):
-    out = _run(v1["model"], v1["corpus"], tmp_path / "cells.parquet", "--chunk-cells", "16", "--max-tokens", "256")
+    out = _run(
+        v1["model"], v1["corpus"], tmp_path / "cells.parquet", "--chunk-cells", "16", "--max-tokens", "256"
+    )
     table, vectors = _read(out)
     cells = _cells_of(v1["corpus"])
     np.testing.assert_allclose(vectors, _direct_mean(v1["model"], cells, V1), atol=1e-5)
@@ -112,7 +141,12 @@ def test_the_output_records_model_hash_layer_pooling_and_vocabulary(v1, tmp_path
     made = json.loads(pq.read_schema(out).metadata[RECORD_KEY.encode()])
     weights = (v1["model"] / "model.safetensors").read_bytes()
     assert made["weights_sha256"] == hashlib.sha256(weights).hexdigest()
-    assert (made["layer"], made["pooling"], made["dtype"], made["vocabulary"]["size"]) == (1, "mean", "float16", 42)
+    assert (made["layer"], made["pooling"], made["dtype"], made["vocabulary"]["size"]) == (
+        1,
+        "mean",
+        "float16",
+        42,
+    )
     assert made["model"] == str(v1["model"].resolve()) and made["finished_at"]
     table, vectors = _read(out)
     assert vectors.dtype == np.float16
@@ -137,9 +171,25 @@ def test_cls_pooling_of_a_v1_model_is_refused(v1, tmp_path):
 
 
 def test_evaluate_and_embed_give_the_same_vectors_for_the_same_cells(v1, tmp_path):
-    evaluate.main([str(v1["model"]), "--data", str(v1["corpus"]), "--split", "all", "--max-cells", "0",
-                   "--out", str(tmp_path / "evaluate"), "--cache-dir", str(tmp_path / "cache"), "--max-length", "64",
-                   "--label-column", "none"])
+    evaluate.main(
+        [
+            str(v1["model"]),
+            "--data",
+            str(v1["corpus"]),
+            "--split",
+            "all",
+            "--max-cells",
+            "0",
+            "--out",
+            str(tmp_path / "evaluate"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-length",
+            "64",
+            "--label-column",
+            "none",
+        ]
+    )
     index, from_evaluate, _ = read_embeddings(tmp_path / "evaluate" / "embeddings" / "model.parquet")
     _, from_embed = _read(_run(v1["model"], v1["corpus"], tmp_path / "cells.parquet"))
     np.testing.assert_allclose(from_embed[index], from_evaluate, atol=1e-5)
@@ -155,10 +205,13 @@ def _counts_h5ad(path: Path, n_cells: int = 30, seed: int = 0) -> Path:
     counts[3, len(GENES)] = 4
     counts[7] = 0
     counts[7, 0] = 1
-    adata = anndata.AnnData(X=sp.csr_matrix(counts),
-                            obs=pd.DataFrame({"cell_type": [f"t{i % 2}" for i in range(n_cells)]},
-                                             index=[f"bc{i}" for i in range(n_cells)]),
-                            var=pd.DataFrame({"symbol": [f"S{i}" for i in range(len(genes))]}, index=genes))
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame(
+            {"cell_type": [f"t{i % 2}" for i in range(n_cells)]}, index=[f"bc{i}" for i in range(n_cells)]
+        ),
+        var=pd.DataFrame({"symbol": [f"S{i}" for i in range(len(genes))]}, index=genes),
+    )
     adata.obsm["X_pca"] = rng.normal(size=(n_cells, 3))
     adata.write_h5ad(path)
     return path
@@ -172,29 +225,48 @@ def _medians(path: Path) -> Path:
 def test_h5ad_round_trip_keeps_obs_var_obsm_and_marks_filtered_cells(v1, tmp_path):
     source = _counts_h5ad(tmp_path / "cells.h5ad")
     medians = _medians(tmp_path / "medians.tsv")
-    out = _run(v1["model"], source, tmp_path / "embedded.h5ad", "--medians", str(medians), "--min-counts", "2",
-               "--chunk-cells", "8")
+    out = _run(
+        v1["model"],
+        source,
+        tmp_path / "embedded.h5ad",
+        "--medians",
+        str(medians),
+        "--min-counts",
+        "2",
+        "--chunk-cells",
+        "8",
+    )
     before, after = anndata.read_h5ad(source), anndata.read_h5ad(out)
     assert list(after.obs_names) == list(before.obs_names)
     pd.testing.assert_frame_equal(after.var, before.var)
     assert (after.obs["cell_type"] == before.obs["cell_type"]).all()
     np.testing.assert_array_equal(after.obsm["X_pca"], before.obsm["X_pca"])
     embedded = after.obs["X_geneformer_embedded"].to_numpy()
-    assert not embedded[3] and not embedded[7] and embedded.sum() == 28  # no vocabulary gene; below --min-counts
+    assert (
+        not embedded[3] and not embedded[7] and embedded.sum() == 28
+    )  # no vocabulary gene; below --min-counts
     assert np.isnan(after.obsm["X_geneformer"][[3, 7]]).all()
     # The kept cells' vectors are those of the corpus the tokenizer writes for the same counts and settings.
     corpus = tmp_path / "corpus"
     tokenize_counts(source, corpus, vocab=v1["model"] / "vocab.txt", medians=medians, min_counts=2)
     cells = _cells_of(corpus)
-    np.testing.assert_allclose(after.obsm["X_geneformer"][embedded], _direct_mean(v1["model"], cells, V1),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        after.obsm["X_geneformer"][embedded], _direct_mean(v1["model"], cells, V1), atol=1e-5
+    )
     assert json.loads(after.uns[RECORD_KEY]["X_geneformer"])["tokenizer"]["min_counts"] == 2
 
 
 def test_h5ad_counts_give_parquet_with_obs_columns_when_asked_for_parquet(v1, tmp_path):
     source = _counts_h5ad(tmp_path / "cells.h5ad")
-    table, vectors = _read(_run(v1["model"], source, tmp_path / "cells.parquet",
-                                "--medians", str(_medians(tmp_path / "medians.tsv"))))
+    table, vectors = _read(
+        _run(
+            v1["model"],
+            source,
+            tmp_path / "cells.parquet",
+            "--medians",
+            str(_medians(tmp_path / "medians.tsv")),
+        )
+    )
     assert table.column("cell_id").to_pylist() == [f"bc{i}" for i in range(30)]
     assert table.column("cell_type").to_pylist()[:3] == ["t0", "t1", "t0"]
     assert not table.column("embedded").to_pylist()[3] and np.isnan(vectors[3]).all()
@@ -205,8 +277,13 @@ def test_csv_counts_give_parquet_with_every_cell_id(v1, tmp_path):
     frame = pd.DataFrame(adata.X.toarray().astype(int), index=adata.obs_names, columns=adata.var_names)
     frame.index.name = "barcode"
     frame.to_csv(tmp_path / "cells.csv")
-    out = _run(v1["model"], tmp_path / "cells.csv", tmp_path / "cells.parquet",
-               "--medians", str(_medians(tmp_path / "medians.tsv")))
+    out = _run(
+        v1["model"],
+        tmp_path / "cells.csv",
+        tmp_path / "cells.parquet",
+        "--medians",
+        str(_medians(tmp_path / "medians.tsv")),
+    )
     table, vectors = _read(out)
     assert table.column("cell_id").to_pylist() == [f"bc{i}" for i in range(30)]
     assert table.column("embedded").to_pylist().count(False) == 1 and np.isnan(vectors[3]).all()
@@ -215,9 +292,12 @@ def test_csv_counts_give_parquet_with_every_cell_id(v1, tmp_path):
 # ----------------------------------------------------------------------------- classifier
 def test_classifier_predictions_are_the_finetuned_models_held_out_predictions(v1, tmp_path):
     torch.manual_seed(0)
-    classifier = BertForCellClassification.from_masked_lm_dir(v1["model"], {0: "type0", 1: "type1", 2: "type2"},
-                                                              seed=3)
-    export_dir = export_classifier_dir(classifier.state_dict(), classifier.config, tmp_path / "classifier", V1)
+    classifier = BertForCellClassification.from_masked_lm_dir(
+        v1["model"], {0: "type0", 1: "type1", 2: "type2"}, seed=3
+    )
+    export_dir = export_classifier_dir(
+        classifier.state_dict(), classifier.config, tmp_path / "classifier", V1
+    )
     table = pq.read_table(_run(export_dir, v1["corpus"], tmp_path / "cells.parquet"))
     probabilities = np.stack(table.column("probabilities").to_numpy(zero_copy_only=False))
     cells = _cells_of(v1["corpus"])
@@ -231,10 +311,12 @@ def test_classifier_predictions_are_the_finetuned_models_held_out_predictions(v1
     predicted = table.column("predicted_label").to_pylist()
     assert predicted == [f"type{i}" for i in logits.argmax(-1).tolist()]
     truth = torch.tensor([i % 3 for i in range(60)])
-    scores = classification_metrics(model, [{"input_ids": ids, "attention_mask": mask, "labels": truth}], 3,
-                                     torch.device("cpu"))
-    assert scores["accuracy"] == pytest.approx(np.mean([p == f"type{t}" for p, t in zip(predicted, truth.tolist(),
-                                                                                          strict=True)]))
+    scores = classification_metrics(
+        model, [{"input_ids": ids, "attention_mask": mask, "labels": truth}], 3, torch.device("cpu")
+    )
+    assert scores["accuracy"] == pytest.approx(
+        np.mean([p == f"type{t}" for p, t in zip(predicted, truth.tolist(), strict=True)])
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -285,25 +367,47 @@ def test_normalized_counts_and_counts_without_vocabulary_genes_are_refused(v1, t
 def test_a_user_error_is_one_line_and_exit_code_2(v1, tmp_path):
     out = tmp_path / "cells.parquet"
     out.write_text("precious")
-    done = subprocess.run([sys.executable, str(REPO / "embed.py"), str(v1["model"]), str(v1["corpus"]),
-                           "--out", str(out)], capture_output=True, text=True, env=launch_env(), timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "embed.py"), str(v1["model"]), str(v1["corpus"]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=launch_env(),
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == f"error: output {out} exists; choose another --out or pass --overwrite"
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"error: output {out} exists; choose another --out or pass --overwrite"
+    )
 
 
 # ----------------------------------------------------------------------------- scale
 @pytest.mark.slow
 def test_two_process_torchrun_equals_one_process(v1, tmp_path):
     one = _run(v1["model"], v1["corpus"], tmp_path / "one.parquet", "--chunk-cells", "8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "embed.py"), str(v1["model"]), str(v1["corpus"]), "--out", str(tmp_path / "two.parquet"),
-           "--chunk-cells", "8", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "embed.py"),
+        str(v1["model"]),
+        str(v1["corpus"]),
+        "--out",
+        str(tmp_path / "two.parquet"),
+        "--chunk-cells",
+        "8",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert pq.read_table(tmp_path / "two.parquet").equals(pq.read_table(one))
 
 
-KILL_SHIM = '''
+KILL_SHIM = """
 import os, signal
 _replace = os.replace
 def replace(src, dst, *args, **kwargs):
@@ -312,19 +416,34 @@ def replace(src, dst, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 os.replace = replace
-'''
+"""
 
 
 @pytest.mark.slow
 def test_a_killed_run_continues_on_relaunch_and_gives_the_same_output(v1, tmp_path):
-    reference = _read(_run(v1["model"], v1["corpus"], tmp_path / "reference.parquet", "--chunk-cells", "8"))[1]
+    reference = _read(_run(v1["model"], v1["corpus"], tmp_path / "reference.parquet", "--chunk-cells", "8"))[
+        1
+    ]
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(KILL_SHIM)
     out = tmp_path / "cells.parquet"
-    cmd = [sys.executable, str(REPO / "embed.py"), str(v1["model"]), str(v1["corpus"]), "--out", str(out),
-           "--chunk-cells", "8", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
-    env = launch_env({"PYTHONPATH": os.pathsep.join([str(shim), str(REPO)]), "EMBED_KILL_AFTER": "part-0000003.npz"})
+    cmd = [
+        sys.executable,
+        str(REPO / "embed.py"),
+        str(v1["model"]),
+        str(v1["corpus"]),
+        "--out",
+        str(out),
+        "--chunk-cells",
+        "8",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    env = launch_env(
+        {"PYTHONPATH": os.pathsep.join([str(shim), str(REPO)]), "EMBED_KILL_AFTER": "part-0000003.npz"}
+    )
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9 and not out.exists()
     partial = tmp_path / ".cells.parquet.partial"

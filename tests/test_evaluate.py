@@ -34,8 +34,14 @@ FAST = ["--max-length", "64", "--max-tokens", "1024"]
 
 def _save_tiny(path, vocab: Vocabulary, hidden: int, seed: int):
     torch.manual_seed(seed)
-    config = BertTEConfig(vocab_size=25426, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=2048)
+    config = BertTEConfig(
+        vocab_size=25426,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+    )
     return BertForMaskedLM(config).save_pretrained(path, vocab)
 
 
@@ -45,30 +51,67 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     corpus = write_builtin_corpus(root / "corpus", n_cells=300, n_shards=1)
     vocab = Vocabulary.load(corpus / "vocab.txt")
-    return {"root": root, "corpus": corpus, "cache": root / "cache",
-            "teacher": _save_tiny(root / "teacher", vocab, 32, seed=0),
-            "student": _save_tiny(root / "student", vocab, 16, seed=1)}
+    return {
+        "root": root,
+        "corpus": corpus,
+        "cache": root / "cache",
+        "teacher": _save_tiny(root / "teacher", vocab, 32, seed=0),
+        "student": _save_tiny(root / "student", vocab, 16, seed=1),
+    }
 
 
 def _run(workspace, out, *extra: str) -> dict:
-    argv = [str(workspace["teacher"]), str(workspace["student"]), "--data", str(workspace["corpus"]),
-            "--out", str(out), "--cache-dir", str(workspace["cache"]), *FAST, *extra]
+    argv = [
+        str(workspace["teacher"]),
+        str(workspace["student"]),
+        "--data",
+        str(workspace["corpus"]),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(workspace["cache"]),
+        *FAST,
+        *extra,
+    ]
     return evaluate.main(argv)
 
 
-def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_figures(workspace, tmp_path, capsys):
+def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_figures(
+    workspace, tmp_path, capsys
+):
     runs = tmp_path / "run" / "train.jsonl"
     runs.parent.mkdir()
-    runs.write_text("\n".join(json.dumps(r) for r in [
-        {"kind": "train", "step": 1, "loss": 10.0, "lr": 1e-3}, {"kind": "train", "step": 2, "loss": 9.0, "lr": 1e-3},
-        {"kind": "eval", "step": 2, "loss": 9.5, "accuracy": 0.01}]) + "\n")
-    results = _run(workspace, tmp_path / "out", "--split", "all", "--max-cells", "96", "--runs", f"teacher={runs.parent}",
-                   f"same={runs}")
+    runs.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"kind": "train", "step": 1, "loss": 10.0, "lr": 1e-3},
+                {"kind": "train", "step": 2, "loss": 9.0, "lr": 1e-3},
+                {"kind": "eval", "step": 2, "loss": 9.5, "accuracy": 0.01},
+            ]
+        )
+        + "\n"
+    )
+    results = _run(
+        workspace,
+        tmp_path / "out",
+        "--split",
+        "all",
+        "--max-cells",
+        "96",
+        "--runs",
+        f"teacher={runs.parent}",
+        f"same={runs}",
+    )
 
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     teacher, student = results["models"]["teacher"], results["models"]["student"]
-    assert results["reference"] == "teacher" and results["cells"] == 96 and results["label_column"] == "cell_type"
+    assert (
+        results["reference"] == "teacher"
+        and results["cells"] == 96
+        and results["label_column"] == "cell_type"
+    )
     for model in (teacher, student):
         assert 0.0 <= model["accuracy"] <= model["top5_accuracy"] <= 1.0
         assert model["perplexity"] > 1.0 and model["cells_per_s"] > 0
@@ -83,16 +126,25 @@ def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_f
     assert table.strip() in capsys.readouterr().out
     header, *rows = table.splitlines()
     assert header.split() == ["metric", "teacher", "student", "unigram", "rank_position", "uniform"]
-    assert 0.0 <= results["baselines"]["rank_position"]["accuracy"] <= 1.0  # trivial baselines, same masked genes
-    assert [r.split()[0] for r in rows][:5] == ["accuracy", "top5_accuracy", "perplexity", "kl_to_reference",
-                                                  "top1_agreement"]
+    assert (
+        0.0 <= results["baselines"]["rank_position"]["accuracy"] <= 1.0
+    )  # trivial baselines, same masked genes
+    assert [r.split()[0] for r in rows][:5] == [
+        "accuracy",
+        "top5_accuracy",
+        "perplexity",
+        "kl_to_reference",
+        "top1_agreement",
+    ]
     assert {"parameters", "cells_per_s", "probe_logreg_accuracy", "probe_knn_accuracy", "cka_to_first"} <= {
-        r.split()[0] for r in rows}
+        r.split()[0] for r in rows
+    }
 
     index, vectors, metadata = read_embeddings(out / "embeddings" / "student.parquet")
     assert index.tolist() == list(range(96)) and vectors.shape == (96, 16)
-    corpus_types = CellCorpus(workspace["corpus"], vocab_size=25426, max_length=128,
-                              cache_dir=workspace["cache"]).column("cell_type")
+    corpus_types = CellCorpus(
+        workspace["corpus"], vocab_size=25426, max_length=128, cache_dir=workspace["cache"]
+    ).column("cell_type")
     assert metadata["cell_type"] == corpus_types[:96]
     for png in ("pca_teacher.png", "pca_student.png", "training_curves.png"):
         assert (out / png).stat().st_size > 1000
@@ -100,8 +152,23 @@ def test_cli_compares_teacher_and_student_and_writes_json_table_embeddings_and_f
 
 def test_a_model_compared_with_itself_agrees_fully(workspace, tmp_path):
     teacher = str(workspace["teacher"])
-    results = evaluate.main([teacher, teacher, "--data", str(workspace["corpus"]), "--out", str(tmp_path),
-                             "--cache-dir", str(workspace["cache"]), "--split", "all", "--max-cells", "40", *FAST])
+    results = evaluate.main(
+        [
+            teacher,
+            teacher,
+            "--data",
+            str(workspace["corpus"]),
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(workspace["cache"]),
+            "--split",
+            "all",
+            "--max-cells",
+            "40",
+            *FAST,
+        ]
+    )
     first, second = results["models"].values()
     assert second["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     assert second["top1_agreement"] == 1.0
@@ -112,10 +179,14 @@ def test_a_model_compared_with_itself_agrees_fully(workspace, tmp_path):
 def test_default_cells_are_trainings_heldout_cells_with_trainings_eval_masks(workspace):
     args = evaluate.parse_args([str(workspace["teacher"]), "--data", str(workspace["corpus"])])
     ctx = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    run = RunConfig(data=DataConfig(path=str(workspace["corpus"]), num_workers=0, cache_dir=str(workspace["cache"])))
+    run = RunConfig(
+        data=DataConfig(path=str(workspace["corpus"]), num_workers=0, cache_dir=str(workspace["cache"]))
+    )
     training_batches = fixed_eval_batches(build_data(run, ctx, vocab_size=25426, max_length=2048))
     data = build_data(run, ctx, vocab_size=25426, max_length=2048)
-    ours = evaluate.fixed_batches(data.corpus, data.vocab, evaluate.choose_cells(len(data.corpus), args), args, ctx)
+    ours = evaluate.fixed_batches(
+        data.corpus, data.vocab, evaluate.choose_cells(len(data.corpus), args), args, ctx
+    )
     assert len(ours) == len(training_batches) > 0
     for a, b in zip(ours, training_batches, strict=True):
         for key in ("cell_index", "input_ids", "labels", "attention_mask"):
@@ -123,9 +194,20 @@ def test_default_cells_are_trainings_heldout_cells_with_trainings_eval_masks(wor
 
 
 def test_builtin_corpus_is_the_default_data(workspace, tmp_path):
-    results = evaluate.main([str(workspace["teacher"]), "--builtin-dir", str(tmp_path / "builtin"),
-                             "--builtin-cells", "300", "--out", str(tmp_path / "out"),
-                             "--cache-dir", str(workspace["cache"]), *FAST])
+    results = evaluate.main(
+        [
+            str(workspace["teacher"]),
+            "--builtin-dir",
+            str(tmp_path / "builtin"),
+            "--builtin-cells",
+            "300",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(workspace["cache"]),
+            *FAST,
+        ]
+    )
     assert "-300cells-seed0" in results["data"]
     assert results["cells"] == 6  # 2% of 300 held out, as in training
     assert results["probe_skipped"]  # six cells of 16 types are too few for a stratified probe
@@ -144,12 +226,30 @@ def test_user_errors_name_the_fix(workspace, tmp_path):
         _run(workspace, tmp_path, "--runs", f"x={tmp_path / 'missing.jsonl'}")
 
 
-@pytest.mark.skipif(not (REAL_CELLS.is_file() and V1_VOCAB.is_file()),
-                    reason="../shared/data/genecorpus_500_samples.parquet or geneformer/V1/vocab.txt not present")
+@pytest.mark.skipif(
+    not (REAL_CELLS.is_file() and V1_VOCAB.is_file()),
+    reason="../shared/data/genecorpus_500_samples.parquet or geneformer/V1/vocab.txt not present",
+)
 def test_real_genecorpus_cells_with_the_v1_vocabulary(workspace, tmp_path):
-    results = evaluate.main([str(workspace["teacher"]), str(workspace["student"]), "--data", str(REAL_CELLS),
-                             "--vocab", str(V1_VOCAB), "--out", str(tmp_path), "--cache-dir", str(workspace["cache"]),
-                             "--split", "all", "--max-cells", "12", *FAST])
+    results = evaluate.main(
+        [
+            str(workspace["teacher"]),
+            str(workspace["student"]),
+            "--data",
+            str(REAL_CELLS),
+            "--vocab",
+            str(V1_VOCAB),
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(workspace["cache"]),
+            "--split",
+            "all",
+            "--max-cells",
+            "12",
+            *FAST,
+        ]
+    )
     assert results["cells"] == 12 and results["label_column"] is None and results["probe_skipped"]
     student = results["models"]["student"]
     assert student["masked_tokens"] > 12 * 64 * 0.1  # about 15% of 12 cells truncated to 64 genes
@@ -159,11 +259,31 @@ def test_real_genecorpus_cells_with_the_v1_vocabulary(workspace, tmp_path):
 
 @pytest.mark.slow
 def test_two_rank_torchrun_gives_the_single_process_embeddings(workspace, tmp_path):
-    common = [str(workspace["teacher"]), str(workspace["student"]), "--data", str(workspace["corpus"]),
-              "--cache-dir", str(workspace["cache"]), "--split", "all", "--max-cells", "64", *FAST]
+    common = [
+        str(workspace["teacher"]),
+        str(workspace["student"]),
+        "--data",
+        str(workspace["corpus"]),
+        "--cache-dir",
+        str(workspace["cache"]),
+        "--split",
+        "all",
+        "--max-cells",
+        "64",
+        *FAST,
+    ]
     single = evaluate.main([*common, "--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "evaluate.py"), *common, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "evaluate.py"),
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

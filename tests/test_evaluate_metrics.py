@@ -64,15 +64,21 @@ def _separable(n_per_class: int = 20, n_classes: int = 3, dim: int = 8):
     rng = np.random.default_rng(0)
     centers = np.eye(n_classes, dim) * 10.0
     labels = np.repeat([f"type{i}" for i in range(n_classes)], n_per_class)
-    x = centers[np.repeat(np.arange(n_classes), n_per_class)] + rng.normal(size=(n_classes * n_per_class, dim))
+    x = centers[np.repeat(np.arange(n_classes), n_per_class)] + rng.normal(
+        size=(n_classes * n_per_class, dim)
+    )
     return x, labels
 
 
 def test_probes_classify_separable_cells_perfectly():
     x, labels = _separable()
     scores = probe_embeddings(x, labels, stratified_split(labels, seed=0))
-    assert scores == {"probe_logreg_accuracy": 1.0, "probe_logreg_macro_f1": 1.0,
-                      "probe_knn_accuracy": 1.0, "probe_knn_macro_f1": 1.0}
+    assert scores == {
+        "probe_logreg_accuracy": 1.0,
+        "probe_logreg_macro_f1": 1.0,
+        "probe_knn_accuracy": 1.0,
+        "probe_knn_macro_f1": 1.0,
+    }
 
 
 def test_probe_split_is_stratified_seeded_and_drops_single_cell_labels():
@@ -94,21 +100,38 @@ def test_probe_split_refuses_a_single_label():
 # ----------------------------------------------------------------------------- embeddings
 def _tiny_model(vocab_size: int = 40) -> BertForMaskedLM:
     torch.manual_seed(0)
-    return BertForMaskedLM(BertTEConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    return BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def test_a_cells_embedding_does_not_depend_on_its_batch_padding():
     model = _tiny_model().eval()
-    alone = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-             "labels": torch.full((1, 3), -100), "cell_index": torch.tensor([0])}
-    padded = {"input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
-              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
-              "labels": torch.full((2, 5), -100), "cell_index": torch.tensor([0, 1])}
+    alone = {
+        "input_ids": torch.tensor([[5, 6, 7]]),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+        "labels": torch.full((1, 3), -100),
+        "cell_index": torch.tensor([0]),
+    }
+    padded = {
+        "input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.full((2, 5), -100),
+        "cell_index": torch.tensor([0, 1]),
+    }
     kwargs = dict(layer=-1, special_ids=(0, 1), device=torch.device("cpu"))
     a = extract_embeddings(model, [alone], **kwargs)
     b = extract_embeddings(model, [padded], **kwargs)
-    torch.testing.assert_close(torch.from_numpy(a.vectors[0]), torch.from_numpy(b.vectors[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(a.vectors[0]), torch.from_numpy(b.vectors[0]), atol=1e-5, rtol=1e-5
+    )
     assert b.vectors.shape == (2, 32)
 
 
@@ -124,7 +147,9 @@ def test_layer_out_of_range_names_the_valid_range():
 
 def test_embeddings_round_trip_through_parquet_with_metadata(tmp_path):
     emb = CellEmbeddings(np.array([4, 9]), np.arange(6, dtype=np.float32).reshape(2, 3), 0.1)
-    path = write_embeddings(tmp_path / "e.parquet", emb, {"cell_type": ["B", "T"], "length": np.array([10, 20])})
+    path = write_embeddings(
+        tmp_path / "e.parquet", emb, {"cell_type": ["B", "T"], "length": np.array([10, 20])}
+    )
     index, vectors, metadata = read_embeddings(path)
     assert index.tolist() == [4, 9]
     assert np.array_equal(vectors, emb.vectors)

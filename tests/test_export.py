@@ -16,8 +16,15 @@ from model.bert_weights import stock_to_te_state_dict
 from model.hf_dir import export_model_dir
 from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_act="relu", max_position_embeddings=40)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_act="relu",
+    max_position_embeddings=40,
+)
 
 
 def trained_like_model() -> BertForMaskedLM:

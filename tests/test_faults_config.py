@@ -15,8 +15,11 @@ from training.pretrain import pretrain
 
 def _exit_line(tmp_path, capfd, overrides: list[str]) -> str:
     """Run train.py's entry in-process; return the single error line it logged (asserting exit code 2)."""
-    paths = [f"output_dir={tmp_path / 'run'}", f"data.builtin_dir={tmp_path / 'builtin'}",
-             f"data.cache_dir={tmp_path / 'cache'}"]
+    paths = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.builtin_dir={tmp_path / 'builtin'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     with initialize_config_dir(str(REPO / "hydra_config"), version_base=None):
         cfg = compose("l0_sanity", overrides=[*paths, *FAST, *overrides])
     with pytest.raises(SystemExit) as stop:
@@ -29,27 +32,33 @@ def _exit_line(tmp_path, capfd, overrides: list[str]) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("+training.learning_rate=1e-3", "unknown config key 'training.learning_rate'"),
-    ("+data.max_token=10", "unknown config key 'data.max_token'"),
-    ("data.max_tokens=0", "config 'data.max_tokens': must be > 0"),
-    ("training.num_train_steps=-5", "config 'training.num_train_steps': must be > 0"),
-    ("training.grad_accum_steps=0", "config 'training.grad_accum_steps': must be > 0"),
-    ("checkpoint.every_steps=0", "config 'checkpoint.every_steps': must be > 0"),
-    ("training.strategy=zero3", "config 'training.strategy': got 'zero3', allowed: ddp, fsdp2"),
-    ("training.nonfinite=ignore", "config 'training.nonfinite': got 'ignore', allowed: stop, skip"),
-    ("training.lr=fast", "training.lr"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+training.learning_rate=1e-3", "unknown config key 'training.learning_rate'"),
+        ("+data.max_token=10", "unknown config key 'data.max_token'"),
+        ("data.max_tokens=0", "config 'data.max_tokens': must be > 0"),
+        ("training.num_train_steps=-5", "config 'training.num_train_steps': must be > 0"),
+        ("training.grad_accum_steps=0", "config 'training.grad_accum_steps': must be > 0"),
+        ("checkpoint.every_steps=0", "config 'checkpoint.every_steps': must be > 0"),
+        ("training.strategy=zero3", "config 'training.strategy': got 'zero3', allowed: ddp, fsdp2"),
+        ("training.nonfinite=ignore", "config 'training.nonfinite': got 'ignore', allowed: stop, skip"),
+        ("training.lr=fast", "training.lr"),
+    ],
+)
 def test_invalid_values_are_refused_before_any_data_is_read(tmp_path, capfd, override, expected):
     assert expected in _exit_line(tmp_path, capfd, [override])
     assert not (tmp_path / "builtin").exists()
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("model.num_attention_heads=3", "num_attention_heads"),
-    ("model.hidden_size=0", "hidden_size"),
-    ("model.num_hidden_layers=-1", "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.num_attention_heads=3", "num_attention_heads"),
+        ("model.hidden_size=0", "hidden_size"),
+        ("model.num_hidden_layers=-1", "num_hidden_layers"),
+    ],
+)
 def test_impossible_model_shapes_are_refused_before_any_data_is_read(tmp_path, capfd, override, expected):
     assert expected in _exit_line(tmp_path, capfd, [override])
     assert not (tmp_path / "builtin").exists()
@@ -69,16 +78,28 @@ def test_cuda_requested_on_a_machine_without_one(tmp_path, capfd):
     assert "training.device" in line and "training.device=cpu" in line
 
 
-@pytest.mark.parametrize("tool", [["-m", "serving.export_onnx", "--out", "{tmp}/onnx"], ["-m", "interpret.cell"],
-                                  ["evaluate.py"], ["-m", "checkpointing.export_checkpoint", "--out", "{tmp}/m"]])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["-m", "serving.export_onnx", "--out", "{tmp}/onnx"],
+        ["-m", "interpret.cell"],
+        ["evaluate.py"],
+        ["-m", "checkpointing.export_checkpoint", "--out", "{tmp}/m"],
+    ],
+)
 def test_command_line_tools_report_a_missing_model_in_one_line(tmp_path, tool):
     """The plain (non-hydra) tools end a user error as the jobs do: one line, exit 2, nothing written."""
     import subprocess
     import sys
 
     args = [part.format(tmp=tmp_path) for part in tool]
-    done = subprocess.run([sys.executable, *args, str(tmp_path / "no_model")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *args, str(tmp_path / "no_model")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no_model" in last, done.stderr
@@ -90,8 +111,13 @@ def test_a_mistyped_key_without_plus_ends_train_py_in_the_recipes_one_line(tmp_p
     (With `+`, the key reaches the schema check above.)"""
     from tests.launch import run_entry as launch
 
-    done = launch("train.py", [f"output_dir={tmp_path / 'run'}", "training.lrr=1e-3"], tmp=tmp_path, check=False,
-                  timeout=120)
+    done = launch(
+        "train.py",
+        [f"output_dir={tmp_path / 'run'}", "training.lrr=1e-3"],
+        tmp=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "unknown config key 'training.lrr'; did you mean 'training.lr'?" in errors[0]

@@ -68,8 +68,11 @@ def test_disk_full_while_writing_the_commit_record(tmp_path, monkeypatch, caplog
         handle.write(json.dumps(record)[:20])  # a torn write, then the disk is full
         _disk_full()
 
-    monkeypatch.setattr(manifest, "json", types.SimpleNamespace(dump=dump_half, loads=json.loads,
-                                                                JSONDecodeError=json.JSONDecodeError))
+    monkeypatch.setattr(
+        manifest,
+        "json",
+        types.SimpleNamespace(dump=dump_half, loads=json.loads, JSONDecodeError=json.JSONDecodeError),
+    )
     with pytest.raises(CheckpointSaveError, match="No space left on device"):
         _saved_at(tmp_path, 4, 4.0)
     monkeypatch.undo()
@@ -123,7 +126,9 @@ def test_a_write_limit_hit_inside_torch_save_is_named_with_the_free_space(tmp_pa
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
-    assert "CheckpointSaveError: could not write checkpoint" in message and "step_00000004" in message, message
+    assert "CheckpointSaveError: could not write checkpoint" in message and "step_00000004" in message, (
+        message
+    )
     assert f"the file-size limit (ulimit -f) stopped the write at {tmp_path} (" in message
     assert " MiB free)" in message and "File too large" in message
     assert "unexpected pos" in result.stderr  # the write did fail inside torch.save
@@ -138,7 +143,9 @@ def test_disk_full_hidden_under_a_writer_error_is_named_with_the_free_space(tmp_
         try:
             _disk_full()
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+            ) from None
     assert f"no space left on device at {tmp_path} (" in str(error.value) and " MiB free)" in str(error.value)
 
 
@@ -165,8 +172,16 @@ def test_a_shard_corrupted_in_place_falls_back_to_the_previous_checkpoint(tmp_pa
 
 def _tiny_model() -> BertForMaskedLM:
     torch.manual_seed(0)
-    return BertForMaskedLM(BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=32))
+    return BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def test_disk_full_during_export_keeps_the_previous_export(tmp_path, monkeypatch):
@@ -199,8 +214,15 @@ def test_an_unwritable_export_target_is_named(tmp_path):
 @pytest.mark.parametrize(("point", "rank"), [("enospc_shard", 1), ("enospc_commit", 0)])
 def test_disk_full_on_one_rank_ends_the_whole_torchrun_job(tmp_path, point, rank):
     """The failing rank raises, the other rank does not wait forever, and step 2 stays the newest checkpoint."""
-    result = run_entry("train.py", [*COMMON, f"output_dir={tmp_path / 'run'}"], nproc=2, tmp=tmp_path,
-                       env=fault_env(point, rank, 4), check=False, timeout=240)  # a hang fails with TimeoutExpired
+    result = run_entry(
+        "train.py",
+        [*COMMON, f"output_dir={tmp_path / 'run'}"],
+        nproc=2,
+        tmp=tmp_path,
+        env=fault_env(point, rank, 4),
+        check=False,
+        timeout=240,
+    )  # a hang fails with TimeoutExpired
     assert result.returncode != 0
     assert "ERROR run: could not write checkpoint" in result.stderr
     assert "[Errno 28] No space left on device" in result.stderr and "step_00000004" in result.stderr

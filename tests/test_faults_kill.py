@@ -26,7 +26,9 @@ def test_sigkill_during_checkpoint_writes_resumes_from_the_previous_complete_one
     checkpoints = tmp_path / "run" / "checkpoints"
     previous_kill = None
     for point, rank, step, newest_complete in KILLS:
-        killed = run_entry("train.py", run, nproc=2, tmp=tmp_path, env=fault_env(point, rank, step), check=False)
+        killed = run_entry(
+            "train.py", run, nproc=2, tmp=tmp_path, env=fault_env(point, rank, step), check=False
+        )
         assert killed.returncode != 0, f"{point}: the run was not killed\n{killed.stderr[-3000:]}"
         assert "Signals.SIGKILL" in killed.stderr or "-9" in killed.stderr, killed.stderr[-3000:]
         # The interrupted save never counts as a checkpoint, so resuming can only pick a complete one.
@@ -43,17 +45,24 @@ def test_sigkill_during_checkpoint_writes_resumes_from_the_previous_complete_one
     assert committed_steps(checkpoints) == [2, 4, 6, 8]
     # Each half-written save was moved aside (not deleted, not overwritten) by the relaunch that followed it.
     assert sorted(p.name.split(".")[0] for p in checkpoints.glob("step_*.incomplete-*")) == [
-        "step_00000004", "step_00000006", "step_00000008"]
+        "step_00000004",
+        "step_00000006",
+        "step_00000008",
+    ]
     assert train_losses(tmp_path / "run" / "train.jsonl") == reference_losses(tmp_path_factory)
     assert len(reference_losses(tmp_path_factory)) == STEPS
     assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
 
 
-def test_sigkill_during_the_very_first_save_lets_the_relaunch_start_from_step_zero(tmp_path, tmp_path_factory):
+def test_sigkill_during_the_very_first_save_lets_the_relaunch_start_from_step_zero(
+    tmp_path, tmp_path_factory
+):
     """Nothing was ever committed, so nothing is lost by starting over; the half-written save is kept aside."""
     run = [*COMMON, f"output_dir={tmp_path / 'run'}"]
     checkpoints = tmp_path / "run" / "checkpoints"
-    killed = run_entry("train.py", run, nproc=2, tmp=tmp_path, env=fault_env("kill_mid_shard", 1, 2), check=False)
+    killed = run_entry(
+        "train.py", run, nproc=2, tmp=tmp_path, env=fault_env("kill_mid_shard", 1, 2), check=False
+    )
     assert killed.returncode != 0 and committed_steps(checkpoints) == []
     assert (checkpoints / "step_00000002").is_dir()
     finished = run_entry("train.py", run, nproc=2, tmp=tmp_path)

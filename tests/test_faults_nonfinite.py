@@ -35,9 +35,12 @@ class _Batches:
     def __next__(self) -> dict:
         self.position += 1
         poisoned = self.position == POISONED_STEP
-        return {"input_ids": torch.full((2, 4), float(self.position)), "labels": torch.zeros(2, dtype=torch.long),
-                "cell_index": torch.tensor([10 * self.position, 10 * self.position + 1]),
-                "poison": self.poison if poisoned else ""}
+        return {
+            "input_ids": torch.full((2, 4), float(self.position)),
+            "labels": torch.zeros(2, dtype=torch.long),
+            "cell_index": torch.tensor([10 * self.position, 10 * self.position + 1]),
+            "poison": self.poison if poisoned else "",
+        }
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -60,17 +63,25 @@ def _run(tmp_path, poison: str, policy: str):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    cfg = RunConfig(model={"tiny": True}, checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=100),
-                    training=TrainingConfig(num_train_steps=5, warmup_steps=0, nonfinite=policy),
-                    logging=LoggingConfig(log_every=1, progress_bar=False, plot=False))
+    cfg = RunConfig(
+        model={"tiny": True},
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=100),
+        training=TrainingConfig(num_train_steps=5, warmup_steps=0, nonfinite=policy),
+        logging=LoggingConfig(log_every=1, progress_bar=False, plot=False),
+    )
     weights = []
     parts = LoopParts(
         ctx=DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
-        model=model, loss_fn=_loss, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), train_loader=_Batches(poison),
-        checkpointer=Checkpointer(cfg.checkpoint.dir, rank=0), evaluate=lambda: weights.append(model.weight.clone()) or {},
+        model=model,
+        loss_fn=_loss,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        train_loader=_Batches(poison),
+        checkpointer=Checkpointer(cfg.checkpoint.dir, rank=0),
+        evaluate=lambda: weights.append(model.weight.clone()) or {},
         logger=MetricsLogger(tmp_path, cfg.logging, is_main=True, total_steps=5, run_config={}, name="train"),
-        autocast=contextlib.nullcontext)
+        autocast=contextlib.nullcontext,
+    )
     cfg.eval.every_steps = 1  # the evaluate hook records the weights after every step
     return run_loop(parts, cfg), weights, tmp_path / "train.jsonl"
 
@@ -100,9 +111,19 @@ def test_skip_policy_skips_the_update_and_counts_it(tmp_path, poison, caplog):
 
 @pytest.mark.slow
 def test_train_py_with_a_diverging_learning_rate_stops_with_the_step_and_cells(tmp_path):
-    result = run_entry("train.py", ["training.lr=1e30", "training.warmup_steps=0", "training.lr_schedule=constant",
-                                    "training.num_train_steps=5", "checkpoint.every_steps=100",
-                                    f"output_dir={tmp_path / 'run'}"], tmp=tmp_path, check=False)
+    result = run_entry(
+        "train.py",
+        [
+            "training.lr=1e30",
+            "training.warmup_steps=0",
+            "training.lr_schedule=constant",
+            "training.num_train_steps=5",
+            "checkpoint.every_steps=100",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        tmp=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     assert "ERROR run: step 2: loss or gradient is not finite" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

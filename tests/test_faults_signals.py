@@ -45,11 +45,22 @@ def _logged_steps(metrics: Path) -> int:
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_the_relaunch_continues(tmp_path, tmp_path_factory):
     run = [*COMMON, f"output_dir={tmp_path / 'run'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
-           f"data.builtin_dir={tmp_path / 'builtin'}", f"data.cache_dir={tmp_path / 'cache'}", *FAST, *run]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        f"data.builtin_dir={tmp_path / 'builtin'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *FAST,
+        *run,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as agent:
+    with subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as agent:
         rank1 = _worker_pid(agent.pid, rank=1)
         metrics = tmp_path / "run" / "train.jsonl"
         deadline = time.monotonic() + 240
@@ -61,7 +72,9 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_relaunch_continues(tmp
     assert "received SIGTERM" in stderr
     stopped_at = max(train_losses(metrics))
     assert stopped_at < STEPS, "the run finished before the signal arrived"
-    assert committed_steps(tmp_path / "run" / "checkpoints")[-1] == stopped_at  # the step it stopped at is saved
+    assert (
+        committed_steps(tmp_path / "run" / "checkpoints")[-1] == stopped_at
+    )  # the step it stopped at is saved
     assert f"stopped at step {stopped_at} after checkpointing" in stderr
     assert not (tmp_path / "run" / "final_model").exists()
 

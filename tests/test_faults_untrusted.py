@@ -45,8 +45,14 @@ def test_a_plain_token_dictionary_still_loads(tmp_path):
 
 
 def test_malicious_pytorch_model_bin_is_refused_by_from_pretrained(tmp_path):
-    config = BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=32)
+    config = BertTEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     config.save_pretrained(str(model_dir))
@@ -60,8 +66,14 @@ def test_malicious_pytorch_model_bin_is_refused_by_from_pretrained(tmp_path):
 
 
 def test_safetensors_is_preferred_over_a_bin_beside_it(tmp_path):
-    config = BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=32)
+    config = BertTEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     model_dir = BertForMaskedLM(config).save_pretrained(tmp_path / "model")
     marker = tmp_path / "pwned"
     torch.save({"x": _Payload(marker)}, model_dir / "pytorch_model.bin")
@@ -72,6 +84,9 @@ def test_safetensors_is_preferred_over_a_bin_beside_it(tmp_path):
 def test_no_code_path_enables_trust_remote_code():
     """Loading a model directory must never execute Python shipped inside it."""
     sources = [*REPO.glob("*.py"), *REPO.glob("*/*.py"), *(REPO / "hydra_config").rglob("*.yaml")]
-    offenders = [str(p.relative_to(REPO)) for p in sources
-                 if p.parent.name != "tests" and "trust_remote_code" in p.read_text(errors="replace")]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in sources
+        if p.parent.name != "tests" and "trust_remote_code" in p.read_text(errors="replace")
+    ]
     assert offenders == []

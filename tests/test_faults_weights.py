@@ -17,8 +17,16 @@ from tests.launch import run_entry
 
 def _export(tmp_path):
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=32))
+    model = BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
     return model.save_pretrained(tmp_path / "model")
 
 
@@ -27,7 +35,7 @@ def _flip_tensor_bytes(weights_file) -> None:
     data = bytearray(weights_file.read_bytes())
     header_end = 8 + int.from_bytes(data[:8], "little")
     start = header_end + 1000
-    data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])
+    data[start : start + 64] = bytes(255 - b for b in data[start : start + 64])
     weights_file.write_bytes(bytes(data))
 
 
@@ -69,12 +77,23 @@ def test_a_truncated_pytorch_model_bin_is_named_with_the_fix(tmp_path):
 @pytest.mark.slow
 def test_a_truncated_teacher_ends_distill_with_one_line_and_exit_code_2(tmp_path):
     teacher = _export(tmp_path)
-    (teacher / CHECKSUMS_NAME).unlink()  # as a stock Hugging Face teacher: the reader itself must name the file
+    (
+        teacher / CHECKSUMS_NAME
+    ).unlink()  # as a stock Hugging Face teacher: the reader itself must name the file
     weights = teacher / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_entry("distill.py", [f"distill.teacher={teacher}", "training.num_train_steps=2",
-                                      "training.warmup_steps=1",
-                                      f"output_dir={tmp_path / 'run'}"], tmp=tmp_path, check=False, timeout=120)
+    result = run_entry(
+        "distill.py",
+        [
+            f"distill.teacher={teacher}",
+            "training.num_train_steps=2",
+            "training.warmup_steps=1",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        tmp=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     assert f"ERROR run: {weights}: unreadable weights" in result.stderr, result.stderr[-2000:]
@@ -88,7 +107,9 @@ def test_export_checkpoint_refuses_a_checkpoint_whose_bytes_changed(tmp_path):
 
     model = BertForMaskedLM.from_pretrained(_export(tmp_path))
     optimizer = torch.optim.AdamW(model.parameters())
-    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), _Loader(), 2)
+    state = TrainState(
+        model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), _Loader(), 2
+    )
     meta = {"model_config": model.config.to_dict(), "export_prefix": ""}
     step_dir = Checkpointer(tmp_path / "checkpoints", rank=0, meta=meta).save(state)
     assert (export_checkpoint(step_dir, tmp_path / "good") / "model.safetensors").is_file()

@@ -38,8 +38,16 @@ def _assert_umask_modes(root, umask):
 
 def test_an_exported_model_directory_follows_the_umask(tmp_path, umask):
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertTEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=32))
+    model = BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
     out = model.save_pretrained(tmp_path / "final_model")
     assert (out / "model.safetensors").is_file()
     _assert_umask_modes(out, umask)

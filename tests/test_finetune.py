@@ -21,8 +21,16 @@ from model.classifier import BertForCellClassification
 from tests.launch import run_entry, train_losses
 
 # Enough steps and cells per batch for a tiny model to separate the corpus's 16 cell types (chance: 1/16).
-FINETUNE = ["training.num_train_steps=40", "training.warmup_steps=3", "training.lr=1e-2", "data.max_tokens=2048",
-            "data.heldout_fraction=0.2", "eval.max_cells=64", "eval.every_steps=20", "checkpoint.every_steps=100"]
+FINETUNE = [
+    "training.num_train_steps=40",
+    "training.warmup_steps=3",
+    "training.lr=1e-2",
+    "data.max_tokens=2048",
+    "data.heldout_fraction=0.2",
+    "eval.max_cells=64",
+    "eval.every_steps=20",
+    "checkpoint.every_steps=100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,9 @@ def test_finetuned_classifier_beats_chance_on_held_out_cells(single_run):
     report = json.loads((tmp / "run" / "finetune_eval.json").read_text())
     assert report["step"] == 40 and report["cells"] >= 32
     assert report["accuracy"] > 2 / 16  # twice chance on 16 balanced cell types
-    assert report["accuracy"] > 2 * report["majority_class_accuracy"]  # the trivial baseline, in the same record
+    assert (
+        report["accuracy"] > 2 * report["majority_class_accuracy"]
+    )  # the trivial baseline, in the same record
     assert 0.0 < report["macro_f1"] <= 1.0
 
 
@@ -68,7 +78,9 @@ def test_export_loads_in_stock_transformers_with_equal_logits(single_run):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     config = json.loads((export / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
-    assert config["id2label"]["0"] == "cell_type_0" and config["label2id"] == {v: int(k) for k, v in config["id2label"].items()}
+    assert config["id2label"]["0"] == "cell_type_0" and config["label2id"] == {
+        v: int(k) for k, v in config["id2label"].items()
+    }
     ours = BertForCellClassification.from_pretrained(export).eval()
     stock.eval()
     torch.manual_seed(0)
@@ -85,10 +97,24 @@ def test_frozen_layers_stay_unchanged_under_two_process_fsdp2(single_run, tmp_pa
     tmp, _ = single_run
     base = tmp / "run" / "pretrained" / "final_model"
     out = tmp_path / "frozen"
-    run_entry("finetune.py", [*FINETUNE, "training.num_train_steps=10", f"finetune.model_dir={base}",
-                              "finetune.freeze_layers=1", "training.strategy=fsdp2", f"output_dir={out}"],
-              nproc=2, tmp=tmp, timeout=120)
-    before, after = load_file(base / "model.safetensors"), load_file(out / "final_model" / "model.safetensors")
+    run_entry(
+        "finetune.py",
+        [
+            *FINETUNE,
+            "training.num_train_steps=10",
+            f"finetune.model_dir={base}",
+            "finetune.freeze_layers=1",
+            "training.strategy=fsdp2",
+            f"output_dir={out}",
+        ],
+        nproc=2,
+        tmp=tmp,
+        timeout=120,
+    )
+    before, after = (
+        load_file(base / "model.safetensors"),
+        load_file(out / "final_model" / "model.safetensors"),
+    )
     frozen = [k for k in before if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))]
     trained = [k for k in before if k.startswith("bert.encoder.layer.1.")]
     assert frozen and trained

@@ -20,9 +20,18 @@ pytest.importorskip("torchao.float8", reason="torchao is not installed")
 
 def _model(hidden=32, intermediate=64):
     torch.manual_seed(0)
-    return BertForMaskedLM(BertTEConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=intermediate, max_position_embeddings=64,
-                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=100,
+            hidden_size=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=intermediate,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def convert_all(model: BertForMaskedLM) -> list[str]:
@@ -66,7 +75,9 @@ def test_float8_aligns_packed_tokens_for_the_weight_gradient_gemm():
     convert_all(model)
     assert model.token_multiple == 16
     rows = []
-    model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    model.bert.encoder.layer[0].output.dense.register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[1])
+    )
     ids = torch.randint(2, 100, (1, 17))
     labels = torch.where(torch.arange(17) % 3 == 0, ids, -100)
     loss = model(ids, labels=labels, cu_seqlens=torch.tensor([0, 7, 17], dtype=torch.int32)).loss
@@ -75,14 +86,24 @@ def test_float8_aligns_packed_tokens_for_the_weight_gradient_gemm():
 
 
 def _linear_fqns(hidden: int, intermediate: int) -> dict[str, torch.nn.Linear]:
-    model = BertForMaskedLM(BertTEConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=intermediate, max_position_embeddings=8))
+    model = BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=32,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=intermediate,
+            max_position_embeddings=8,
+        )
+    )
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _chosen(hidden: int, intermediate: int, tokens: int, scaling: str) -> set[str]:
     keep = fp8_layer_filter(tokens, scaling)
-    return {fqn.split("layer.0.")[-1] for fqn, m in _linear_fqns(hidden, intermediate).items() if keep(m, fqn)}
+    return {
+        fqn.split("layer.0.")[-1] for fqn, m in _linear_fqns(hidden, intermediate).items() if keep(m, fqn)
+    }
 
 
 def test_small_models_keep_every_layer_in_bf16_where_fp8_would_lose():
@@ -96,8 +117,14 @@ def test_at_the_106m_shape_only_the_widening_feed_forward_gemm_runs_tensorwise_f
 
 
 def test_at_the_4b_shape_every_encoder_gemm_runs_in_fp8_with_either_scaling():
-    every = {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "intermediate.dense", "output.dense"}
+    every = {
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    }
     assert _chosen(3072, 12288, 16384, "tensorwise") == every
     assert _chosen(3072, 12288, 16384, "rowwise") == every
 
@@ -111,8 +138,10 @@ def test_the_log_lists_the_fp8_layers_once_per_role(caplog):
     convert_all(_model())
     assert "12 of 12 encoder linears run in FP8" in caplog.text
     assert "bert.encoder.layer.{0-1}.intermediate.dense" in caplog.text
-    assert summarize_layers(["a.encoder.layer.0.x", "a.encoder.layer.1.x", "a.encoder.layer.3.x"]) \
+    assert (
+        summarize_layers(["a.encoder.layer.0.x", "a.encoder.layer.1.x", "a.encoder.layer.3.x"])
         == "a.encoder.layer.{0-1,3}.x"
+    )
 
 
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
@@ -156,6 +185,7 @@ def test_nested_contexts_enter_in_order_and_exit_in_reverse():
             events.append(f"enter {name}")
             yield
             events.append(f"exit {name}")
+
         return context
 
     with nest_contexts(recorder("bf16"), recorder("fp8"))():
@@ -163,8 +193,11 @@ def test_nested_contexts_enter_in_order_and_exit_in_reverse():
     assert events == ["enter bf16", "enter fp8", "forward", "exit fp8", "exit bf16"]
 
 
-TE_FP8_MISSING = (importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
-                  or torch.cuda.get_device_capability() < (8, 9))
+TE_FP8_MISSING = (
+    importlib.util.find_spec("transformer_engine") is None
+    or not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() < (8, 9)
+)
 
 
 @pytest.mark.gpu
@@ -173,9 +206,17 @@ TE_FP8_MISSING = (importlib.util.find_spec("transformer_engine") is None or not 
 def test_te_fp8_step_tracks_the_bf16_loss(recipe):
     from training.float8 import align_packed_tokens, nest_contexts, te_fp8_autocast
 
-    config = BertTEConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, use_te_layers=True)
+    config = BertTEConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        use_te_layers=True,
+    )
     torch.manual_seed(0)
     model = BertForMaskedLM(config).cuda()
     align_packed_tokens(model)  # as training.fp8=te does

@@ -31,13 +31,18 @@ def test_ensembl_versions_are_stripped_but_par_y_copies_stay_distinct():
 
 
 def test_symbol_tables_in_either_column_order(tmp_path):
-    (tmp_path / "gencode.csv").write_text("ENSG00000141510.17,TP53\nENSG00000000001,DUP\nENSG00000000002,DUP\n")
+    (tmp_path / "gencode.csv").write_text(
+        "ENSG00000141510.17,TP53\nENSG00000000001,DUP\nENSG00000000002,DUP\n"
+    )
     (tmp_path / "names.tsv").write_text("symbol\tensembl\nTP53\tENSG00000141510\n")
     gencode = load_symbol_table(tmp_path / "gencode.csv")
     assert gencode == {"TP53": "ENSG00000141510", "DUP": "ENSG00000000001"}  # first listed id wins
     assert load_symbol_table(tmp_path / "names.tsv") == {"TP53": "ENSG00000141510"}
     assert to_ensembl_ids(["tp53", "ENSG00000000003.2", "UNKNOWN"], gencode) == [
-        "ENSG00000141510", "ENSG00000000003", None]
+        "ENSG00000141510",
+        "ENSG00000000003",
+        None,
+    ]
     assert to_ensembl_ids(["TP53"], None) == [None]
 
 
@@ -53,8 +58,9 @@ def test_medians_and_vocabulary_from_tsv(tmp_path):
 
 def test_column_map_orders_slots_by_token_id_and_sums_duplicates():
     vocab = Vocabulary(("<pad>", "<mask>", "ENSG2", "ENSG1"))
-    column_map = build_column_map(["ENSG1", None, "ENSG2", "ENSG1", "ENSG9"], vocab, {"ENSG1": 1.0, "ENSG2": 2.0},
-                                  source="x")
+    column_map = build_column_map(
+        ["ENSG1", None, "ENSG2", "ENSG1", "ENSG9"], vocab, {"ENSG1": 1.0, "ENSG2": 2.0}, source="x"
+    )
     assert column_map.token_ids.tolist() == [2, 3] and column_map.medians.tolist() == [2.0, 1.0]
     assert column_map.target.tolist() == [1, -1, 0, 1, -1]
     assert column_map.has_duplicates

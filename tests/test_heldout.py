@@ -26,15 +26,23 @@ def _masked_by_cell(corpus, cells, *, max_tokens, world_size, packed=False) -> d
     collate = MLMCollator(Vocabulary.synthetic(), seed=1234, packed=packed).fixed_masks
     found = {}
     for rank in range(world_size):
-        for batch in HeldoutBatches(corpus, cells, collate, max_tokens=max_tokens, max_cells=None,
-                                    pad_to_multiple_of=8, rank=rank, world_size=world_size).epoch_batches():
+        for batch in HeldoutBatches(
+            corpus,
+            cells,
+            collate,
+            max_tokens=max_tokens,
+            max_cells=None,
+            pad_to_multiple_of=8,
+            rank=rank,
+            world_size=world_size,
+        ).epoch_batches():
             ids, labels = batch["input_ids"], batch["labels"]
             starts = batch["cu_seqlens"].tolist() if packed else None
             for row, cell in enumerate(batch["cell_index"].tolist()):
                 n = int(corpus.lengths[cell])
                 if packed:
                     a = starts[row]
-                    found[cell] = (ids[0, a:a + n].tolist(), labels[0, a:a + n].tolist())
+                    found[cell] = (ids[0, a : a + n].tolist(), labels[0, a : a + n].tolist())
                 else:
                     found[cell] = (ids[row, :n].tolist(), labels[row, :n].tolist())
     return found
@@ -53,8 +61,21 @@ def test_each_cells_mask_is_the_same_for_any_token_budget_world_size_and_layout(
 def test_every_rank_gets_the_same_number_of_batches_and_no_cell_is_dropped(corpus):
     cells = np.arange(37)
     collate = MLMCollator(Vocabulary.synthetic(), seed=0).fixed_masks
-    per_rank = [list(HeldoutBatches(corpus, cells, collate, max_tokens=2048, max_cells=None, pad_to_multiple_of=8,
-                                    rank=rank, world_size=4).epoch_batches()) for rank in range(4)]
+    per_rank = [
+        list(
+            HeldoutBatches(
+                corpus,
+                cells,
+                collate,
+                max_tokens=2048,
+                max_cells=None,
+                pad_to_multiple_of=8,
+                rank=rank,
+                world_size=4,
+            ).epoch_batches()
+        )
+        for rank in range(4)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1
     scored = np.sort(np.concatenate([b["cell_index"].numpy() for batches in per_rank for b in batches]))
     assert scored.tolist() == cells.tolist()
@@ -70,5 +91,13 @@ def test_another_eval_seed_masks_other_tokens(corpus):
 def test_fewer_held_out_cells_than_ranks_names_the_setting_to_change(corpus):
     collate = MLMCollator(Vocabulary.synthetic(), seed=0).fixed_masks
     with pytest.raises(ValueError, match="eval.max_cells"):
-        HeldoutBatches(corpus, np.arange(3), collate, max_tokens=4096, max_cells=None, pad_to_multiple_of=8,
-                       rank=0, world_size=4)
+        HeldoutBatches(
+            corpus,
+            np.arange(3),
+            collate,
+            max_tokens=4096,
+            max_cells=None,
+            pad_to_multiple_of=8,
+            rank=0,
+            world_size=4,
+        )

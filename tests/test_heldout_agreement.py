@@ -13,16 +13,40 @@ from tests.launch import REPO, eval_records, launch_env, run_entry
 
 pytestmark = pytest.mark.slow
 
-RUN = ["training.num_train_steps=2", "training.warmup_steps=1", "checkpoint.every_steps=100", "eval.every_steps=2"]
+RUN = [
+    "training.num_train_steps=2",
+    "training.warmup_steps=1",
+    "checkpoint.every_steps=100",
+    "eval.every_steps=2",
+]
 
 
 def _evaluate(model_dir, tmp, out, nproc: int) -> dict:
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     # The run's settings (tests/launch.py FAST): 10% held out, the first 16 of them, cells cut to 128 genes.
-    cmd = [*launcher, str(REPO / "evaluate.py"), str(model_dir), "--builtin-dir", str(tmp / "builtin"),
-           "--builtin-cells", "300", "--cache-dir", str(tmp / "cache"), "--heldout-fraction", "0.1",
-           "--max-cells", "16", "--out", str(out), "--label-column", "none"]
+    cmd = [
+        *launcher,
+        str(REPO / "evaluate.py"),
+        str(model_dir),
+        "--builtin-dir",
+        str(tmp / "builtin"),
+        "--builtin-cells",
+        "300",
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--heldout-fraction",
+        "0.1",
+        "--max-cells",
+        "16",
+        "--out",
+        str(out),
+        "--label-column",
+        "none",
+    ]
     result = subprocess.run(cmd, cwd=tmp, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((out / "results.json").read_text())

@@ -20,8 +20,15 @@ from modeling_bert_te import BertForMaskedLM, BertTEConfig
 from training.config import DistillConfig
 
 VOCAB = Vocabulary.synthetic(64)
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_act="relu", max_position_embeddings=40)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_act="relu",
+    max_position_embeddings=40,
+)
 META = torch.device("meta")
 
 
@@ -76,8 +83,12 @@ def test_host_side_positions_give_the_same_loss_as_positions_found_on_the_device
     model = BertForMaskedLM(BertTEConfig(**TINY)).eval()
     batch = packed_batch()
     given = model(batch["input_ids"], labels=batch["labels"], **packed_kwargs(batch))
-    found = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                  max_seqlen=batch["max_seqlen"])
+    found = model(
+        batch["input_ids"],
+        labels=batch["labels"],
+        cu_seqlens=batch["cu_seqlens"],
+        max_seqlen=batch["max_seqlen"],
+    )
     assert torch.equal(given.masked_positions, found.masked_positions)
     assert torch.equal(given.loss, found.loss)
 
@@ -87,7 +98,9 @@ def test_positions_that_disagree_with_the_labels_are_an_error():
     batch = packed_batch()
     positions = batch.pop("masked_positions")
     with pytest.raises(RuntimeError, match="does not list every labelled token"):
-        model(batch["input_ids"], labels=batch["labels"], **packed_kwargs(batch), masked_positions=positions[1:])
+        model(
+            batch["input_ids"], labels=batch["labels"], **packed_kwargs(batch), masked_positions=positions[1:]
+        )
     unlabelled = int(torch.nonzero(batch["labels"][0] == -100)[0])
     wrong = positions.clone()
     wrong[0] = unlabelled

@@ -13,11 +13,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Higher number = higher layer. Packages in the same layer are siblings and must not import each other.
 LAYERS = {
-    "train": 5, "distill": 5, "finetune": 5, "evaluate": 5, "embed": 5,
-    "distillation": 4, "finetuning": 4, "evaluation": 4, "serving": 4, "interpret": 4, "embedding": 4,
+    "train": 5,
+    "distill": 5,
+    "finetune": 5,
+    "evaluate": 5,
+    "embed": 5,
+    "distillation": 4,
+    "finetuning": 4,
+    "evaluation": 4,
+    "serving": 4,
+    "interpret": 4,
+    "embedding": 4,
     "training": 3,
     "checkpointing": 2,
-    "model": 1, "modeling_bert_te": 1, "dataset": 1,
+    "model": 1,
+    "modeling_bert_te": 1,
+    "dataset": 1,
     "common": 0,
 }
 # modeling_bert_te.py is the model itself, kept at the root where users of such recipes expect it.
@@ -32,7 +43,8 @@ def _module_name(path: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> set[str]:
@@ -54,8 +66,11 @@ def _imports(tree: ast.AST) -> set[str]:
 
 
 def _project_graph() -> dict[str, set[str]]:
-    files = [p for p in REPO.rglob("*.py") if p.relative_to(REPO).parts[0] in LAYERS
-             or p.parent == REPO and p.stem in LAYERS]
+    files = [
+        p
+        for p in REPO.rglob("*.py")
+        if p.relative_to(REPO).parts[0] in LAYERS or p.parent == REPO and p.stem in LAYERS
+    ]
     modules = {_module_name(p): p for p in files}
     graph = {}
     for name, path in modules.items():
@@ -90,7 +105,7 @@ def test_no_module_imports_itself_back_through_others():
         state[module] = 1
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[module] = 2

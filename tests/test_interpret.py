@@ -21,11 +21,20 @@ VOCAB = Vocabulary.synthetic(25426)
 
 def tiny_model(seed: int = 0) -> BertForMaskedLM:
     torch.manual_seed(seed)
-    config = BertTEConfig(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
+    config = BertTEConfig(
+        vocab_size=25426,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForMaskedLM(config).eval()
-    with torch.no_grad():  # a random model's genes barely differ; larger (tied) embeddings give IG something to explain
+    with (
+        torch.no_grad()
+    ):  # a random model's genes barely differ; larger (tied) embeddings give IG something to explain
         model.bert.embeddings.word_embeddings.weight.mul_(10.0)
     return model
 
@@ -47,6 +56,7 @@ def test_attention_probs_match_a_manual_recomputation_of_layer_zero():
     ids = torch.randint(2, 25426, (1, 9))
     emb = model.bert.embeddings(ids, torch.arange(9)[None])
     attn = model.bert.encoder.layer[0].attention.self
+
     def heads(x):  # [1, S, hidden] -> [1, heads, S, head_dim]
         return x.view(1, 9, attn.num_heads, attn.head_dim).transpose(1, 2)
 
@@ -91,7 +101,9 @@ def test_ig_of_the_masked_lm_logit_is_complete_and_agrees_with_finite_difference
         up, down = f(torch.stack([x + eps * direction, x - eps * direction])).tolist()
     path = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(f(path[None]).sum(), path)
-    assert abs((up - down) / (2 * eps) - float((grad * direction).sum())) < 1e-2 * max(1.0, abs(up - down) / eps)
+    assert abs((up - down) / (2 * eps) - float((grad * direction).sum())) < 1e-2 * max(
+        1.0, abs(up - down) / eps
+    )
 
 
 def test_gene_table_is_sorted_and_named():
@@ -108,8 +120,23 @@ def test_cli_writes_pngs_and_tsv(tmp_path):
     data = write_builtin_corpus(tmp_path / "corpus", n_cells=8, n_shards=1)
     model_dir = tiny_model().save_pretrained(tmp_path / "model", VOCAB)
     out = tmp_path / "out"
-    rows = cell_cli.main([str(model_dir), "--data", str(data), "--cell-index", "3", "--out", str(out),
-                          "--max-length", "48", "--top-genes", "8", "--steps", "8"])
+    rows = cell_cli.main(
+        [
+            str(model_dir),
+            "--data",
+            str(data),
+            "--cell-index",
+            "3",
+            "--out",
+            str(out),
+            "--max-length",
+            "48",
+            "--top-genes",
+            "8",
+            "--steps",
+            "8",
+        ]
+    )
     assert (out / "attention_layer0.png").is_file() and (out / "attention_layer1.png").is_file()
     lines = (out / "attributions.tsv").read_text().splitlines()
     assert lines[0] == "rank\tposition\ttoken_id\tgene\tattribution"
@@ -120,4 +147,6 @@ def test_cli_rejects_a_cell_outside_the_corpus(tmp_path):
     data = write_builtin_corpus(tmp_path / "corpus", n_cells=4, n_shards=1)
     model_dir = tiny_model().save_pretrained(tmp_path / "model", VOCAB)
     with pytest.raises(ValueError, match="outside the corpus"):
-        cell_cli.main([str(model_dir), "--data", str(data), "--cell-index", "9", "--out", str(tmp_path / "o")])
+        cell_cli.main(
+            [str(model_dir), "--data", str(data), "--cell-index", "9", "--out", str(tmp_path / "o")]
+        )

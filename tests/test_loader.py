@@ -26,15 +26,24 @@ def make_loader(corpus, *, num_workers=0, rank=0, world_size=1, indices=None, sh
     from dataset.loader import CellBatchLoader
 
     indices = np.arange(len(corpus)) if indices is None else indices
-    sampler = TokenBudgetSampler(corpus.lengths, indices, max_tokens=4096, max_cells=None, rank=rank,
-                                 world_size=world_size, seed=11, shuffle=shuffle)
+    sampler = TokenBudgetSampler(
+        corpus.lengths,
+        indices,
+        max_tokens=4096,
+        max_cells=None,
+        rank=rank,
+        world_size=world_size,
+        seed=11,
+        shuffle=shuffle,
+    )
     collator = MLMCollator(Vocabulary.synthetic(), seed=11, packed=packed)
     return CellBatchLoader(corpus, sampler, collator, num_workers=num_workers, rank=rank)
 
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
 
 
 def test_batches_carry_cells_and_positions_and_run_over_epochs(corpus):
@@ -46,7 +55,9 @@ def test_batches_carry_cells_and_positions_and_run_over_epochs(corpus):
     for row, cell in enumerate(first["cell_index"].tolist()):
         n = int(corpus.lengths[cell])
         chosen = first["labels"][row, :n] != -100
-        assert torch.equal(first["labels"][row, :n][chosen], torch.from_numpy(corpus[cell].astype(np.int64))[chosen])
+        assert torch.equal(
+            first["labels"][row, :n][chosen], torch.from_numpy(corpus[cell].astype(np.int64))[chosen]
+        )
         assert int(first["attention_mask"][row].sum()) == n
 
 

@@ -19,10 +19,26 @@ from modeling_bert_te import BertForMaskedLM, BertTEConfig, count_parameters
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL_YAMLS = Path(__file__).resolve().parents[1] / "hydra_config" / "model"
-EXPECTED_PARAMETERS = {"2m": 1_988_242, "3m": 3_120_178, "4m": 4_352_466, "10m": 10_288_722,
-                       "106m": 106_775_122, "316m": 319_934_674, "4b": 4_172_185_426}
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_act="relu", max_position_embeddings=40, hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02)
+EXPECTED_PARAMETERS = {
+    "2m": 1_988_242,
+    "3m": 3_120_178,
+    "4m": 4_352_466,
+    "10m": 10_288_722,
+    "106m": 106_775_122,
+    "316m": 319_934_674,
+    "4b": 4_172_185_426,
+}
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_act="relu",
+    max_position_embeddings=40,
+    hidden_dropout_prob=0.02,
+    attention_probs_dropout_prob=0.02,
+)
 
 
 def stock_pair(attn: str = "sdpa", **overrides) -> tuple[transformers.BertForMaskedLM, BertForMaskedLM]:
@@ -58,8 +74,14 @@ def test_model_yaml_builds_on_meta_with_documented_parameter_count(name):
 
 def test_tiny_yaml_has_the_documented_shape():
     cfg = BertTEConfig(**yaml.safe_load((MODEL_YAMLS / "tiny.yaml").read_text()))
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
-            cfg.vocab_size, cfg.max_position_embeddings) == (2, 32, 2, 64, 25426, 2048)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+    ) == (2, 32, 2, 64, 25426, 2048)
 
 
 def test_parameter_names_are_stock_bert_and_decoder_is_tied():
@@ -203,7 +225,9 @@ def test_masked_only_head_equals_full_logits_gathered():
     assert out.masked_labels.tolist() == [5, 5, 6, 7, 7]
     assert out.logits.shape == (5, 64)
     assert (out.logits - full.reshape(-1, 64)[out.masked_positions]).abs().max() <= 1e-5
-    expected_loss = torch.nn.functional.cross_entropy(full.reshape(-1, 64)[out.masked_positions], out.masked_labels)
+    expected_loss = torch.nn.functional.cross_entropy(
+        full.reshape(-1, 64)[out.masked_positions], out.masked_labels
+    )
     assert torch.allclose(out.loss, expected_loss, atol=1e-6)
     assert full_out.logits.shape == full.shape and torch.allclose(full_out.loss, out.loss, atol=1e-6)
 
@@ -214,8 +238,11 @@ def test_loss_matches_stock_masked_lm_loss():
     labels = torch.full_like(ids, -100)
     labels[0, 3], labels[1, 2] = 9, 10
     with torch.no_grad():
-        assert torch.allclose(ours(ids, mask, labels).loss, stock(input_ids=ids, attention_mask=mask, labels=labels).loss,
-                              atol=1e-6)
+        assert torch.allclose(
+            ours(ids, mask, labels).loss,
+            stock(input_ids=ids, attention_mask=mask, labels=labels).loss,
+            atol=1e-6,
+        )
 
 
 def test_batch_without_masked_tokens_gives_zero_loss_not_nan():
@@ -259,7 +286,8 @@ def test_filler_cells_round_packed_tokens_up_and_change_no_output():
     cu = torch.tensor([0, 11, 15, 31], dtype=torch.int32)
     seen_tokens = []
     ours.bert.encoder.layer[0].attention.self.query.register_forward_hook(
-        lambda module, args, out: seen_tokens.append(args[0].shape[1]))
+        lambda module, args, out: seen_tokens.append(args[0].shape[1])
+    )
     kwargs = dict(cu_seqlens=cu, max_seqlen=16, output_hidden_states=True, return_qkv_layer=0)
     with torch.no_grad():
         plain = ours(packed_ids, **kwargs)
@@ -279,7 +307,9 @@ def test_filler_cells_are_no_longer_than_the_longest_cell():
     """Short cells get several short filler cells, so max_seqlen (the attention kernels' shape) stays put."""
     from model.attention_layout import packed_layout
 
-    layout, positions = packed_layout(torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16)
+    layout, positions = packed_layout(
+        torch.tensor([0, 3, 5], dtype=torch.int32), 3, 5, torch.device("cpu"), 16
+    )
     assert layout.cu_seqlens.tolist() == [0, 3, 5, 8, 11, 14, 16]
     assert layout.max_seqlen == 3
     assert positions[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]
@@ -302,7 +332,8 @@ def test_padded_batch_run_unpadded_is_aligned_too():
     labels = torch.where(mask.bool(), ids, -100)
     seen_tokens = []
     ours.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
-        lambda module, args, out: seen_tokens.append(args[0].shape[:2]))
+        lambda module, args, out: seen_tokens.append(args[0].shape[:2])
+    )
     with torch.no_grad():
         aligned = ours(ids, mask, labels).loss
         ours.token_multiple = 1
@@ -314,7 +345,11 @@ def test_padded_batch_run_unpadded_is_aligned_too():
 def test_packed_input_with_bad_cu_seqlens_is_an_error():
     _, ours = stock_pair()
     with pytest.raises(ValueError, match="cu_seqlens"):
-        ours(torch.ones(1, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32), max_seqlen=5)
+        ours(
+            torch.ones(1, 10, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32),
+            max_seqlen=5,
+        )
 
 
 def test_hidden_states_and_qkv_shapes_and_values():
@@ -378,7 +413,9 @@ def test_te_name_mapping_round_trips_and_fuses_qkv_without_te():
 TE_MISSING = importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed"
+)
 def test_te_layers_without_transformer_engine_name_the_setting_and_the_fix():
     with pytest.raises(ImportError, match="model.use_te_layers=false"):
         BertForMaskedLM(BertTEConfig(**TINY, use_te_layers=True))

@@ -13,8 +13,16 @@ from training.optim import lr_multiplier, parameter_groups
 
 
 def test_biases_and_layernorm_are_not_decayed():
-    model = BertForMaskedLM(BertTEConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=16, max_position_embeddings=16))
+    model = BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=40,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+        )
+    )
     decay, no_decay = parameter_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("LayerNorm" in names[id(p)] or "bias" in names[id(p)] for p in no_decay["params"])
@@ -34,9 +42,16 @@ def test_warmup_then_decay_to_the_floor_at_the_last_step(schedule):
 def test_activation_checkpointing_gives_the_same_gradients():
     from training.parallelize import enable_activation_checkpointing
 
-    config = BertTEConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
+    config = BertTEConfig(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     import torch
 
     torch.manual_seed(0)

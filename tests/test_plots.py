@@ -28,15 +28,24 @@ def _panels(fig) -> dict[str, list]:
 def test_a_run_with_a_single_logged_step_shows_a_marker_in_every_panel(tmp_path):
     one = _metrics(tmp_path / "train.jsonl", [{"loss": 9.8, "mlm": 9.8}], [{"loss": 9.7, "accuracy": 0.01}])
     panels = _panels(training_curves_figure({"run": one}))
-    assert set(panels) == {"train loss (masked-LM)", "held-out loss (masked-LM)", "held-out accuracy (masked-LM)",
-                           "learning rate"}
+    assert set(panels) == {
+        "train loss (masked-LM)",
+        "held-out loss (masked-LM)",
+        "held-out accuracy (masked-LM)",
+        "learning rate",
+    }
     assert all(line.get_marker() not in (None, "None", "") for lines in panels.values() for line in lines)
 
 
 def test_kd_and_masked_lm_training_losses_get_their_own_panels(tmp_path):
-    mlm = _metrics(tmp_path / "train.jsonl", [{"loss": 7.0, "mlm": 7.0}] * 3, [{"loss": 7.1, "accuracy": 0.1}])
-    kd = _metrics(tmp_path / "distill.jsonl", [{"loss": 0.03, "kd": 0.03, "mlm": 7.2}] * 3,
-                  [{"loss": 7.3, "accuracy": 0.1, "teacher_loss": 7.1, "teacher_accuracy": 0.1}])
+    mlm = _metrics(
+        tmp_path / "train.jsonl", [{"loss": 7.0, "mlm": 7.0}] * 3, [{"loss": 7.1, "accuracy": 0.1}]
+    )
+    kd = _metrics(
+        tmp_path / "distill.jsonl",
+        [{"loss": 0.03, "kd": 0.03, "mlm": 7.2}] * 3,
+        [{"loss": 7.3, "accuracy": 0.1, "teacher_loss": 7.1, "teacher_accuracy": 0.1}],
+    )
     panels = _panels(training_curves_figure({"teacher": mlm, "student": kd}))
     assert [line.get_label() for line in panels["train loss (masked-LM)"]] == ["teacher"]
     assert [line.get_label() for line in panels["train loss (distillation)"]] == ["student"]
@@ -45,8 +54,11 @@ def test_kd_and_masked_lm_training_losses_get_their_own_panels(tmp_path):
 
 
 def test_a_distillation_shows_its_teacher_dashed_beside_the_student_on_held_out_panels(tmp_path):
-    kd = _metrics(tmp_path / "distill.jsonl", [{"loss": 0.03, "kd": 0.03}] * 2,
-                  [{"loss": 7.3, "accuracy": 0.1, "teacher_loss": 7.1, "teacher_accuracy": 0.12}] * 2)
+    kd = _metrics(
+        tmp_path / "distill.jsonl",
+        [{"loss": 0.03, "kd": 0.03}] * 2,
+        [{"loss": 7.3, "accuracy": 0.1, "teacher_loss": 7.1, "teacher_accuracy": 0.12}] * 2,
+    )
     lines = _panels(training_curves_figure({"distill": kd}))["held-out loss (masked-LM)"]
     teacher = [line for line in lines if line.get_label() == "distill: teacher"]
     assert len(teacher) == 1 and teacher[0].get_linestyle() == "--"
@@ -54,8 +66,11 @@ def test_a_distillation_shows_its_teacher_dashed_beside_the_student_on_held_out_
 
 
 def test_a_fine_tuning_run_has_a_macro_f1_panel(tmp_path):
-    ft = _metrics(tmp_path / "finetune.jsonl", [{"loss": 2.0, "ce": 2.0}] * 2,
-                  [{"loss": 1.9, "accuracy": 0.5, "macro_f1": 0.4}, {"loss": 1.5, "accuracy": 0.6, "macro_f1": 0.55}])
+    ft = _metrics(
+        tmp_path / "finetune.jsonl",
+        [{"loss": 2.0, "ce": 2.0}] * 2,
+        [{"loss": 1.9, "accuracy": 0.5, "macro_f1": 0.4}, {"loss": 1.5, "accuracy": 0.6, "macro_f1": 0.55}],
+    )
     panels = _panels(training_curves_figure({"finetune": ft}))
     assert list(panels["held-out macro-F1 (classification)"][0].get_ydata()) == [0.4, 0.55]
     assert "train loss (classification)" in panels

@@ -31,7 +31,9 @@ def test_torchrun_on_gpus_joins_with_both_backends(monkeypatch):
     import training.distributed as distributed
 
     joined = {}
-    monkeypatch.setattr(distributed, "_pick_device", lambda requested, local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(
+        distributed, "_pick_device", lambda requested, local_rank: torch.device("cuda", local_rank)
+    )
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -44,19 +46,42 @@ def test_torchrun_on_gpus_joins_with_both_backends(monkeypatch):
 
 def _step_and_preemption_check() -> tuple[dict, bool]:
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertTEConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=32, max_position_embeddings=32))
+    model = BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
     ids = torch.randint(2, 50, (2, 8))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.where(ids % 2 == 0, ids, -100)}
-    metrics = train_step(model, masked_lm_loss, torch.optim.SGD(model.parameters(), lr=0.1), [batch],
-                         device=torch.device("cpu"), world_size=1, grad_clip=1.0, autocast=contextlib.nullcontext)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.where(ids % 2 == 0, ids, -100),
+    }
+    metrics = train_step(
+        model,
+        masked_lm_loss,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        [batch],
+        device=torch.device("cpu"),
+        world_size=1,
+        grad_clip=1.0,
+        autocast=contextlib.nullcontext,
+    )
     return metrics, PreemptionWatcher().stop_requested()
 
 
-@pytest.mark.parametrize(("layout", "has_cpu_backend"), [
-    (GPU_LAYOUT.replace("nccl", "gloo"), True),  # the layout of a GPU run
-    ("cuda:gloo", False),                         # like an NCCL-only group: every host-side reduction fails
-])
+@pytest.mark.parametrize(
+    ("layout", "has_cpu_backend"),
+    [
+        (GPU_LAYOUT.replace("nccl", "gloo"), True),  # the layout of a GPU run
+        ("cuda:gloo", False),  # like an NCCL-only group: every host-side reduction fails
+    ],
+)
 def test_a_training_step_needs_a_cpu_backend_in_the_group(tmp_path, layout, has_cpu_backend):
     dist.init_process_group(backend=layout, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -47,9 +47,10 @@ def test_a_two_rank_run_and_its_resume_share_one_log_with_every_ranks_warnings(t
     run_entry("train.py", [*run, "training.num_train_steps=3"], nproc=2, tmp=tmp_path)
     text = (tmp_path / "run" / LOG_NAME).read_text()
     assert text.startswith(first)  # the first launch's log is kept whole
-    resumed = text[len(first):]
+    resumed = text[len(first) :]
     assert "resumed from" in resumed and "checkpoint committed" in resumed
     for part in (first, resumed):  # the truncation warning every rank gives when it reads the corpus
-        assert "[rank0]" in part and any(line.startswith("[rank1]") and " WARNING " in line
-                                         for line in part.splitlines())
+        assert "[rank0]" in part and any(
+            line.startswith("[rank1]") and " WARNING " in line for line in part.splitlines()
+        )
     assert not any(line.startswith("[rank1]") and " INFO " in line for line in text.splitlines())

@@ -14,10 +14,21 @@ def lengths_mix(n: int = 3000, seed: int = 0) -> np.ndarray:
     return np.clip(rng.lognormal(np.log(300), 0.75, n), 32, 2048).astype(np.int32)
 
 
-def make(lengths, *, rank=0, world_size=1, seed=0, max_tokens=8192, max_cells=None, shuffle=True, indices=None):
+def make(
+    lengths, *, rank=0, world_size=1, seed=0, max_tokens=8192, max_cells=None, shuffle=True, indices=None
+):
     indices = np.arange(len(lengths)) if indices is None else indices
-    return TokenBudgetSampler(lengths, indices, max_tokens=max_tokens, max_cells=max_cells, rank=rank,
-                              world_size=world_size, seed=seed, shuffle=shuffle, pad_to_multiple_of=8)
+    return TokenBudgetSampler(
+        lengths,
+        indices,
+        max_tokens=max_tokens,
+        max_cells=max_cells,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=shuffle,
+        pad_to_multiple_of=8,
+    )
 
 
 def padded_size(lengths, batch):
@@ -54,7 +65,7 @@ def test_the_global_plan_is_the_same_for_any_world_size():
     one = list(make(lengths, world_size=1))
     two = [list(make(lengths, rank=r, world_size=2)) for r in range(2)]
     interleaved = [b for pair in zip(*two, strict=True) for b in pair]
-    assert interleaved == one[:len(interleaved)]
+    assert interleaved == one[: len(interleaved)]
 
 
 def test_shuffle_varies_by_epoch_and_is_fixed_by_seed():
@@ -108,7 +119,7 @@ def test_resume_with_another_world_size_continues_from_the_same_global_position(
     continued = [list(s) for s in new]
     assert len({len(c) for c in continued}) == 1
     interleaved = [b for triple in zip(*continued, strict=True) for b in triple]
-    assert interleaved == plan[6:6 + len(interleaved)]
+    assert interleaved == plan[6 : 6 + len(interleaved)]
 
 
 def test_resume_refuses_another_plan_with_a_reason():
@@ -123,7 +134,9 @@ def test_resume_refuses_another_plan_with_a_reason():
 
 
 def test_budget_smaller_than_the_longest_cell_is_an_error():
-    with pytest.raises(ValueError, match=r"max_tokens=100 is smaller than the longest cell .*\(2048 tokens\)"):
+    with pytest.raises(
+        ValueError, match=r"max_tokens=100 is smaller than the longest cell .*\(2048 tokens\)"
+    ):
         make(np.array([50, 2045]), max_tokens=100)
 
 

@@ -30,8 +30,14 @@ from serving.export_onnx import (  # noqa: E402
     store_repeats_once,
 )
 
-TINY = dict(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=2048)
+TINY = dict(
+    vocab_size=25426,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=2048,
+)
 LABELS = {0: "B cell", 1: "T cell", 2: "monocyte"}
 
 
@@ -45,8 +51,12 @@ def tiny_dir(tmp_path_factory):
 def classifier_dir(tmp_path_factory):
     """A finetune.py-style export: stock BertForSequenceClassification layout with id2label."""
     torch.manual_seed(0)
-    model = BertForCellClassification(BertTEConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
-    return export_classifier_dir(model.state_dict(), model.config, tmp_path_factory.mktemp("serving") / "cls", None)
+    model = BertForCellClassification(
+        BertTEConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    )
+    return export_classifier_dir(
+        model.state_dict(), model.config, tmp_path_factory.mktemp("serving") / "cls", None
+    )
 
 
 def initializer_shapes(path) -> list[tuple[int, ...]]:
@@ -89,7 +99,9 @@ def test_cli_writes_fp32_int8_and_report(exported):
 def test_any_batch_and_length_matches_pytorch_padded_or_not(tiny_dir, exported):
     model = BertForMaskedLM.from_pretrained(tiny_dir).eval()
     sess = session(exported / "model.onnx")
-    for b, s, padding in SHAPES[:4]:  # full logits at 8 x 512 are 400 MB: the classifier test covers that shape
+    for b, s, padding in SHAPES[
+        :4
+    ]:  # full logits at 8 x 512 are 400 MB: the classifier test covers that shape
         ids, mask = padded_batch(b, s, padding)
         with torch.no_grad():
             expected = model(ids, mask).logits.numpy()
@@ -125,6 +137,7 @@ def test_unoptimized_export_is_plain_onnx_and_matches(tiny_dir, tmp_path):
 
 def test_fusable_attention_is_undone_after_the_export(tmp_path):
     """The symbolic registry is global: torch's own SDPA export (IsNaN guard) must be back afterwards."""
+
     class Attend(torch.nn.Module):
         def forward(self, q, mask):
             return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
@@ -169,18 +182,31 @@ def test_tied_embedding_is_stored_once_in_fp32_and_int8(exported):
 
 def test_int8_weights_use_seven_bits_so_avx2_kernels_cannot_saturate(exported):
     """CPUs without VNNI add pairs of u8 x s8 products in int16: 8-bit weights can saturate it, 7-bit ones cannot."""
-    weights = [numpy_helper.to_array(init) for init in onnx.load(str(exported / "model.int8.onnx")).graph.initializer
-               if init.data_type == onnx.TensorProto.INT8]
+    weights = [
+        numpy_helper.to_array(init)
+        for init in onnx.load(str(exported / "model.int8.onnx")).graph.initializer
+        if init.data_type == onnx.TensorProto.INT8
+    ]
     assert weights and sum(w.size for w in weights) > 25426 * 32  # the embedding and every layer's weights
     assert all(abs(int(w.min())) <= 64 and int(w.max()) <= 64 for w in weights)  # 8 bits would reach 127
 
 
 def test_repeated_initializers_become_nodes_with_equal_outputs(tmp_path):
     weight = np.arange(4096 * 2, dtype=np.float32).reshape(4096, 2)
-    inits = [numpy_helper.from_array(a, n) for a, n in ((weight, "w"), (weight.copy(), "w_again"), (weight.T.copy(), "w_t"))]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in ((weight, "w"), (weight.copy(), "w_again"), (weight.T.copy(), "w_t"))
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["w", "w_again"], ["sum"]), helper.make_node("MatMul", ["sum", "w_t"], ["out"])],
-        "repeats", [], [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4096, 4096])], inits)
+        [
+            helper.make_node("Add", ["w", "w_again"], ["sum"]),
+            helper.make_node("MatMul", ["sum", "w_t"], ["out"]),
+        ],
+        "repeats",
+        [],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4096, 4096])],
+        inits,
+    )
     path = tmp_path / "repeats.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     expected = session(path).run(None, {})[0]

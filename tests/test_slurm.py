@@ -30,13 +30,32 @@ def _free_port() -> int:
 
 def _job(tmp: Path, overrides: list[str], gpus: int) -> subprocess.Popen:
     """`sbatch scripts/slurm.sh l0_sanity <overrides>` on one node, as Slurm would start the batch script."""
-    env = {**os.environ, "PATH": os.pathsep.join([str(SHIM), str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": str(gpus), "RDZV_PORT": str(_free_port()),
-           "SCRIPT": str(REPO / "train.py"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    paths = [f"output_dir={tmp / 'run'}", f"data.builtin_dir={tmp / 'builtin'}", f"data.cache_dir={tmp / 'cache'}"]
-    return subprocess.Popen(["bash", str(REPO / "scripts" / "slurm.sh"), "l0_sanity", *paths, *FAST, *overrides],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(SHIM), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "GPUS_PER_NODE": str(gpus),
+        "RDZV_PORT": str(_free_port()),
+        "SCRIPT": str(REPO / "train.py"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    paths = [
+        f"output_dir={tmp / 'run'}",
+        f"data.builtin_dir={tmp / 'builtin'}",
+        f"data.cache_dir={tmp / 'cache'}",
+    ]
+    return subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "slurm.sh"), "l0_sanity", *paths, *FAST, *overrides],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _agent_environment(job_pid: int) -> dict[str, str]:
@@ -66,7 +85,11 @@ def test_a_preempted_slurm_job_exits_0_once_its_checkpoint_has_committed(tmp_pat
     metrics = tmp_path / "run" / "train.jsonl"
     with _job(tmp_path, steps, gpus=2) as job:
         deadline = time.monotonic() + 240
-        while not (metrics.is_file() and train_losses(metrics)) and job.poll() is None and time.monotonic() < deadline:
+        while (
+            not (metrics.is_file() and train_losses(metrics))
+            and job.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         # The agent waits long enough for a large model's checkpoint, not torch's default 30 s.
         assert _agent_environment(job.pid)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "270"

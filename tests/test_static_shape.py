@@ -18,8 +18,17 @@ from training.parallelize import parallelize
 from training.run import masked_lm_loss
 
 VOCAB = Vocabulary.synthetic(64)
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_act="relu", max_position_embeddings=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_act="relu",
+    max_position_embeddings=48,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 SHAPE = StaticShape.for_budget(max_tokens=160, max_cells=8, max_seqlen=48)
 
 
@@ -39,10 +48,15 @@ def model(seed=0, **overrides) -> BertForMaskedLM:
 
 
 def test_every_static_batch_has_the_same_shapes_whatever_its_cells():
-    small = collate([5, 12, 9], static=True, shape=StaticShape(tokens=160, cells=12, max_seqlen=48,
-                                                                 masked_multiple=64))
-    large = collate([48, 40, 30, 20, 11, 7], static=True, seed=1,
-                    shape=StaticShape(tokens=160, cells=12, max_seqlen=48, masked_multiple=64))
+    small = collate(
+        [5, 12, 9], static=True, shape=StaticShape(tokens=160, cells=12, max_seqlen=48, masked_multiple=64)
+    )
+    large = collate(
+        [48, 40, 30, 20, 11, 7],
+        static=True,
+        seed=1,
+        shape=StaticShape(tokens=160, cells=12, max_seqlen=48, masked_multiple=64),
+    )
     for key in ("input_ids", "attention_mask", "labels", "cu_seqlens", "masked_positions"):
         assert small[key].shape == large[key].shape, key
     assert small["input_ids"].shape == (1, 160) and small["cu_seqlens"].shape == (13,)
@@ -77,8 +91,11 @@ def test_static_shape_distillation_terms_equal_the_dynamic_path_on_the_same_cell
     results = []
     for static in (False, True):
         teacher = model(seed=1, num_hidden_layers=3).eval()
-        student = StudentWithProjections(model(seed=2, hidden_size=16, num_attention_heads=2, intermediate_size=32),
-                                         teacher_width=32, n_projections=len(layer_map))
+        student = StudentWithProjections(
+            model(seed=2, hidden_size=16, num_attention_heads=2, intermediate_size=32),
+            teacher_width=32,
+            n_projections=len(layer_map),
+        )
         loss_fn = DistillationLoss(teacher, cfg, layer_map, n_student_heads=2)
         results.append(loss_fn(student, collate([5, 12, 9, 30], static=static)))
     for name in ("loss", "kd", "mlm", "hidden"):
@@ -93,7 +110,11 @@ def test_a_batch_larger_than_the_static_shape_is_refused_naming_the_fix():
 
 
 def _run_config(**training) -> dict:
-    return {"model": TINY, "data": {"packed": True, "max_cells": 64}, "training": {"cuda_graphs": True, **training}}
+    return {
+        "model": TINY,
+        "data": {"packed": True, "max_cells": 64},
+        "training": {"cuda_graphs": True, **training},
+    }
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_apply():
@@ -109,7 +130,9 @@ def test_cuda_graphs_are_refused_where_they_cannot_apply():
 
 def test_cuda_graphs_on_a_cpu_device_are_refused_before_any_step():
     with pytest.raises(ValueError, match="this run is on cpu"):
-        parallelize(model(), [], strategy="ddp", device=torch.device("cpu"), dtype=torch.float32, cuda_graphs=True)
+        parallelize(
+            model(), [], strategy="ddp", device=torch.device("cpu"), dtype=torch.float32, cuda_graphs=True
+        )
 
 
 def test_a_static_batch_step_reads_nothing_back_from_the_device():
@@ -118,7 +141,9 @@ def test_a_static_batch_step_reads_nothing_back_from_the_device():
 
     with torch.device("meta"):
         meta = BertForMaskedLM(BertTEConfig(**TINY))
-    masked_lm_loss(meta, move_batch(collate([5, 12, 9, 30], static=True), torch.device("meta")))["loss"].backward()
+    masked_lm_loss(meta, move_batch(collate([5, 12, 9, 30], static=True), torch.device("meta")))[
+        "loss"
+    ].backward()
     assert meta.bert.embeddings.word_embeddings.weight.grad.shape == (64, 32)
 
 
@@ -126,7 +151,9 @@ def test_empty_cells_are_accepted_only_after_the_real_ones():
     m = model().eval()
     ids = torch.randint(VOCAB.first_gene_id, VOCAB.size, (1, 20))
     trailing = m(ids, cu_seqlens=torch.tensor([0, 8, 20, 20, 20], dtype=torch.int32)).logits
-    torch.testing.assert_close(trailing, m(ids, cu_seqlens=torch.tensor([0, 8, 20], dtype=torch.int32)).logits)
+    torch.testing.assert_close(
+        trailing, m(ids, cu_seqlens=torch.tensor([0, 8, 20], dtype=torch.int32)).logits
+    )
     with pytest.raises(ValueError, match="empty cells only at the end"):
         m(ids, cu_seqlens=torch.tensor([0, 8, 8, 20], dtype=torch.int32))
 
@@ -151,7 +178,9 @@ def test_replayed_cuda_graph_steps_train_like_eager_steps():
             mark_graph_step()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = masked_lm_loss(m, {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()})["loss"]
+                loss = masked_lm_loss(
+                    m, {k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()}
+                )["loss"]
             loss.backward()
             optimizer.step()
             losses[captured].append(loss.item())

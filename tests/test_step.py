@@ -17,9 +17,18 @@ from training.step import train_step
 
 def _model():
     torch.manual_seed(0)
-    return BertForMaskedLM(BertTEConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0))
+    return BertForMaskedLM(
+        BertTEConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _batch(n_cells, length, mask_share, seed):
@@ -34,8 +43,16 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_global_token_mean():
     batches = [_batch(2, 16, 0.5, 1), _batch(3, 8, 0.15, 2)]  # very different masked-token counts
     model, reference = _model(), _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics = train_step(model, masked_lm_loss, optimizer, batches, device=torch.device("cpu"), world_size=1,
-                         grad_clip=0.0, autocast=contextlib.nullcontext)
+    metrics = train_step(
+        model,
+        masked_lm_loss,
+        optimizer,
+        batches,
+        device=torch.device("cpu"),
+        world_size=1,
+        grad_clip=0.0,
+        autocast=contextlib.nullcontext,
+    )
 
     logits, labels = [], []
     for batch in batches:
@@ -59,6 +76,14 @@ def test_a_non_finite_loss_is_flagged():
         terms = masked_lm_loss(m, batch)
         return {**terms, "loss": terms["loss"] * float("nan")}
 
-    metrics = train_step(model, nan_loss, optimizer, [_batch(2, 8, 0.3, 0)], device=torch.device("cpu"),
-                         world_size=1, grad_clip=1.0, autocast=contextlib.nullcontext)
+    metrics = train_step(
+        model,
+        nan_loss,
+        optimizer,
+        [_batch(2, 8, 0.3, 0)],
+        device=torch.device("cpu"),
+        world_size=1,
+        grad_clip=1.0,
+        autocast=contextlib.nullcontext,
+    )
     assert metrics["finite"] is False

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.slow
 
 def test_a_two_job_learning_rate_sweep_gives_two_trained_runs_each_with_its_own_lr(tmp_path):
     # hydra.mode=MULTIRUN is `-m` written as an override (flags must precede the overrides on the command line).
-    sweep = ["hydra.mode=MULTIRUN", "training.lr=1e-3,2e-3", "training.num_train_steps=3", "training.warmup_steps=0",
-             "training.lr_schedule=constant"]
+    sweep = [
+        "hydra.mode=MULTIRUN",
+        "training.lr=1e-3,2e-3",
+        "training.num_train_steps=3",
+        "training.warmup_steps=0",
+        "training.lr_schedule=constant",
+    ]
     done = run_entry("train.py", sweep, tmp=tmp_path)
     assert "resumed from" not in done.stderr
     [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()
@@ -31,12 +36,18 @@ def test_a_two_job_learning_rate_sweep_gives_two_trained_runs_each_with_its_own_
         assert (sweep_dir / job / "final_model" / "model.safetensors").is_file()
         assert (sweep_dir / job / "checkpoints").is_dir()
     assert lrs == {"0": pytest.approx([1e-3] * 3), "1": pytest.approx([2e-3] * 3)}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin", "cache", "outputs"]  # no multirun/ beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "builtin",
+        "cache",
+        "outputs",
+    ]  # no multirun/ beside them
 
 
 def test_a_sweep_under_torchrun_is_refused_in_one_line_before_any_job_starts(tmp_path):
     sweep = ["hydra.mode=MULTIRUN", "training.lr=1e-3,2e-3"]
-    done = run_entry("train.py", sweep, tmp=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"}, check=False, timeout=120)
+    done = run_entry(
+        "train.py", sweep, tmp=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"}, check=False, timeout=120
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "launch one torchrun per setting instead" in done.stderr
     assert not list(tmp_path.rglob("train.jsonl"))  # no job started

@@ -30,8 +30,14 @@ V1 = SHARED / "geneformer" / "V1"
 
 # Hand-made example. Columns: G1 (version .5), G2, G1 again (version .7: same gene), G3, an off-vocabulary
 # gene, G4. Vocabulary ids: G1=2, G2=3, G3=4, G4=5. Medians chosen so every value below is exact in float64.
-GENES = ["ENSG00000000001.5", "ENSG00000000002", "ENSG00000000001.7", "ENSG00000000003", "ENSG00000000099",
-         "ENSG00000000004"]
+GENES = [
+    "ENSG00000000001.5",
+    "ENSG00000000002",
+    "ENSG00000000001.7",
+    "ENSG00000000003",
+    "ENSG00000000099",
+    "ENSG00000000004",
+]
 VOCAB_GENES = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003", "ENSG00000000004"]
 MEDIANS = {"ENSG00000000001": 2.0, "ENSG00000000002": 1.0, "ENSG00000000003": 4.0, "ENSG00000000004": 1.0}
 COUNTS = np.array(
@@ -62,9 +68,13 @@ def _write_tables(directory: Path, *, v2: bool = False) -> tuple[Path, Path]:
 
 
 def _adata(counts: np.ndarray = COUNTS, genes: list[str] = GENES, sparse: bool = True):
-    obs = pd.DataFrame({"cell_type": CELL_TYPES[: len(counts)], "donor": np.arange(len(counts))},
-                       index=[f"cell{i}" for i in range(len(counts))])
-    return anndata.AnnData(X=sp.csr_matrix(counts) if sparse else counts, obs=obs, var=pd.DataFrame(index=genes))
+    obs = pd.DataFrame(
+        {"cell_type": CELL_TYPES[: len(counts)], "donor": np.arange(len(counts))},
+        index=[f"cell{i}" for i in range(len(counts))],
+    )
+    return anndata.AnnData(
+        X=sp.csr_matrix(counts) if sparse else counts, obs=obs, var=pd.DataFrame(index=genes)
+    )
 
 
 def _read(out: Path) -> pd.DataFrame:
@@ -84,17 +94,28 @@ def tables(tmp_path: Path) -> tuple[Path, Path]:
 def test_v1_encoding_worked_by_hand(tmp_path, tables):
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
-    manifest = tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                               obs_columns=["cell_type"])
+    manifest = tokenize_counts(
+        tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians, obs_columns=["cell_type"]
+    )
     frame = _read(tmp_path / "out")
     assert _ids(frame) == EXPECTED_V1
     assert frame["length"].tolist() == [3, 2, 2]
     assert frame["cell_type"].tolist() == ["T", "NK", "Mono"]
-    assert pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("input_ids").type.value_type == "int64"
+    assert (
+        pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("input_ids").type.value_type
+        == "int64"
+    )
     assert (tmp_path / "out" / "vocab.txt").read_text().split() == ["<pad>", "<mask>", *VOCAB_GENES]
-    assert manifest["cells"] == {"read": 4, "kept": 3, "filtered_min_counts": 0, "filtered_min_genes": 0,
-                                 "no_vocabulary_genes": 1, "truncated": 0, "non_integer": 0,
-                                 "rounded_near_integer": 0}
+    assert manifest["cells"] == {
+        "read": 4,
+        "kept": 3,
+        "filtered_min_counts": 0,
+        "filtered_min_genes": 0,
+        "no_vocabulary_genes": 1,
+        "truncated": 0,
+        "non_integer": 0,
+        "rounded_near_integer": 0,
+    }
     assert frame["cell_id"].tolist() == ["cell0", "cell2", "cell3"]  # the obs index, always kept
     genes = manifest["genes"][0]
     assert (genes["columns"], genes["columns_in_vocabulary"], genes["vocabulary_genes_present"]) == (6, 5, 4)
@@ -119,10 +140,17 @@ def test_long_cells_are_truncated_to_the_model_input(tmp_path, layout, max_genes
     names = ["<pad>", "<mask>", "<cls>", "<eos>"][:specials]
     (tmp_path / "vocab.txt").write_text("\n".join(names + genes) + "\n")
     (tmp_path / "medians.tsv").write_text("".join(f"{g}\t1.0\n" for g in genes))
-    counts = np.arange(1, n_genes + 1, dtype=np.float32)[None, :]  # gene i has count i: highest id ranks first
+    counts = np.arange(1, n_genes + 1, dtype=np.float32)[
+        None, :
+    ]  # gene i has count i: highest id ranks first
     anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "c.h5ad")
-    manifest = tokenize_counts(tmp_path / "c.h5ad", tmp_path / "out", vocab=tmp_path / "vocab.txt",
-                               medians=tmp_path / "medians.tsv", layout=layout)
+    manifest = tokenize_counts(
+        tmp_path / "c.h5ad",
+        tmp_path / "out",
+        vocab=tmp_path / "vocab.txt",
+        medians=tmp_path / "medians.tsv",
+        layout=layout,
+    )
     ids = _ids(_read(tmp_path / "out"))[0]
     gene_ids = list(range(specials + n_genes - 1, specials - 1, -1))[:max_genes]
     assert ids == (gene_ids if layout == "v1" else [2, *gene_ids, 3])
@@ -181,8 +209,14 @@ def test_obs_columns_come_through_from_h5ad_and_loom(tmp_path, tables):
     vocab, medians = tables
     paths = _write_all_formats(tmp_path)
     for name in ("csr", "loom"):
-        tokenize_counts(paths[name][0], tmp_path / f"o_{name}", vocab=vocab, medians=medians,
-                        obs_columns=["cell_type", "donor"], chunk_size=2)
+        tokenize_counts(
+            paths[name][0],
+            tmp_path / f"o_{name}",
+            vocab=vocab,
+            medians=medians,
+            obs_columns=["cell_type", "donor"],
+            chunk_size=2,
+        )
         frame = _read(tmp_path / f"o_{name}")
         assert frame["cell_type"].tolist() == ["T", "NK", "Mono"], name
         assert frame["donor"].tolist() == [0, 2, 3], name
@@ -191,11 +225,17 @@ def test_obs_columns_come_through_from_h5ad_and_loom(tmp_path, tables):
 def test_symbols_map_through_a_gene_name_table(tmp_path, tables):
     vocab, medians = tables
     symbols = ["A1", "B2", "a1", "C3", "NOPE", "D4"]  # "a1": case-insensitive duplicate of A1
-    (tmp_path / "names.csv").write_text("".join(f"{g},{s}\n" for g, s in zip(VOCAB_GENES, ["A1", "B2", "C3", "D4"],
-                                                                                strict=True)))
+    (tmp_path / "names.csv").write_text(
+        "".join(f"{g},{s}\n" for g, s in zip(VOCAB_GENES, ["A1", "B2", "C3", "D4"], strict=True))
+    )
     _adata(genes=symbols).write_h5ad(tmp_path / "sym.h5ad")
-    manifest = tokenize_counts(tmp_path / "sym.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                               gene_names=tmp_path / "names.csv")
+    manifest = tokenize_counts(
+        tmp_path / "sym.h5ad",
+        tmp_path / "out",
+        vocab=vocab,
+        medians=medians,
+        gene_names=tmp_path / "names.csv",
+    )
     assert _ids(_read(tmp_path / "out")) == EXPECTED_V1
     assert manifest["genes"][0]["mapped_to_ensembl"] == 5
 
@@ -205,8 +245,9 @@ def test_a_gene_mapping_table_sends_alternate_ids_to_vocabulary_genes(tmp_path, 
     mapping = tmp_path / "mapping.tsv"  # keys are matched upper-cased, versions stripped on both sides
     mapping.write_text("alias\tensembl_id\nensg00000000099\tENSG00000000004.3\n")
     _adata().write_h5ad(tmp_path / "cells.h5ad")
-    manifest = tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                               gene_mapping=mapping)
+    manifest = tokenize_counts(
+        tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians, gene_mapping=mapping
+    )
     # The off-vocabulary column now counts for G4 (token 5): cell 0 gains G4 = 1/16*1e4 = 625, last; cell 1,
     # empty before, is G4 alone.
     assert _ids(_read(tmp_path / "out")) == [[3, 2, 4, 5], [5], [3, 5], [2, 4]]
@@ -219,7 +260,9 @@ def test_empty_cells_are_left_out(tmp_path, tables):
     empty = np.zeros((1, len(GENES)), dtype=np.float32)
     counts = np.vstack([empty, COUNTS[:1], empty, COUNTS[2:], empty, empty])
     anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=GENES)).write_h5ad(tmp_path / "e.h5ad")
-    manifest = tokenize_counts(tmp_path / "e.h5ad", tmp_path / "out", vocab=vocab, medians=medians, chunk_size=4)
+    manifest = tokenize_counts(
+        tmp_path / "e.h5ad", tmp_path / "out", vocab=vocab, medians=medians, chunk_size=4
+    )
     assert _ids(_read(tmp_path / "out")) == [EXPECTED_V1[0], *EXPECTED_V1[1:]]
     assert manifest["cells"]["no_vocabulary_genes"] == 4
 
@@ -227,8 +270,15 @@ def test_empty_cells_are_left_out(tmp_path, tables):
 def test_cell_filters(tmp_path, tables):
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
-    manifest = tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                               min_counts=3, min_genes=3, obs_columns=["cell_type"])
+    manifest = tokenize_counts(
+        tmp_path / "cells.h5ad",
+        tmp_path / "out",
+        vocab=vocab,
+        medians=medians,
+        min_counts=3,
+        min_genes=3,
+        obs_columns=["cell_type"],
+    )
     assert _read(tmp_path / "out")["cell_type"].tolist() == ["T"]
     # totals 16, 7, 2, 10 and expressed genes (all columns) 5, 1, 2, 2: cell 2 has too few counts,
     # cells 1 and 3 too few genes; a cell failing both is counted under min_counts.
@@ -245,8 +295,11 @@ def test_computed_medians_are_exact_nonzero_medians(tmp_path):
     manifest = tokenize_counts(tmp_path / "c.h5ad", tmp_path / "out", compute_medians=True, chunk_size=64)
     counts = counts.astype(np.float64)
     normalized = counts / counts.sum(axis=1, keepdims=True) * 10_000
-    expected = {g: float(np.median(normalized[normalized[:, j] > 0, j]))
-                for j, g in enumerate(genes) if (normalized[:, j] > 0).any()}
+    expected = {
+        g: float(np.median(normalized[normalized[:, j] > 0, j]))
+        for j, g in enumerate(genes)
+        if (normalized[:, j] > 0).any()
+    }
     table = pd.read_csv(tmp_path / "out" / "gene_medians.tsv", sep="\t").set_index("gene")["median"].to_dict()
     assert table.keys() == expected.keys() and genes[5] not in table
     np.testing.assert_allclose([table[g] for g in expected], list(expected.values()), rtol=1e-12)
@@ -314,10 +367,19 @@ def test_real_counts_match_a_reference_implementation(tmp_path, celltypist_count
     if not (V1 / "token_dictionary_gc30M.pkl").is_file():
         pytest.skip(f"Geneformer V1 dictionaries not found under {V1}")
     frame, names = celltypist_counts
-    anndata.AnnData(X=sp.csr_matrix(frame.to_numpy(np.float32)), obs=pd.DataFrame(index=frame.index.astype(str)),
-                    var=pd.DataFrame(index=frame.columns.astype(str))).write_h5ad(tmp_path / "real.h5ad")
-    manifest = tokenize_counts(tmp_path / "real.h5ad", tmp_path / "out", vocab=V1 / "token_dictionary_gc30M.pkl",
-                               medians=V1 / "gene_median_dictionary_gc30M.pkl", gene_names=names, chunk_size=32)
+    anndata.AnnData(
+        X=sp.csr_matrix(frame.to_numpy(np.float32)),
+        obs=pd.DataFrame(index=frame.index.astype(str)),
+        var=pd.DataFrame(index=frame.columns.astype(str)),
+    ).write_h5ad(tmp_path / "real.h5ad")
+    manifest = tokenize_counts(
+        tmp_path / "real.h5ad",
+        tmp_path / "out",
+        vocab=V1 / "token_dictionary_gc30M.pkl",
+        medians=V1 / "gene_median_dictionary_gc30M.pkl",
+        gene_names=names,
+        chunk_size=32,
+    )
 
     symbol_to_id: dict[str, str] = {}
     with names.open() as handle:
@@ -341,8 +403,9 @@ def test_real_counts_with_computed_medians_and_v2_layout(tmp_path, celltypist_co
     frame, names = celltypist_counts
     cells = frame.iloc[:16]
     cells.loc[:, cells.sum(axis=0) > 0].to_csv(tmp_path / "real.csv")  # all-zero genes change nothing
-    manifest = tokenize_counts(tmp_path / "real.csv", tmp_path / "out", gene_names=names, compute_medians=True,
-                               layout="v2")
+    manifest = tokenize_counts(
+        tmp_path / "real.csv", tmp_path / "out", gene_names=names, compute_medians=True, layout="v2"
+    )
     ids = _ids(_read(tmp_path / "out"))
     vocab = (tmp_path / "out" / "vocab.txt").read_text().split()
     assert vocab[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"]
@@ -354,10 +417,12 @@ def test_reads_into_the_training_corpus(tmp_path, tables):
     corpus_module = pytest.importorskip("dataset.corpus")
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
-    tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                    obs_columns=["cell_type"])
-    corpus = corpus_module.CellCorpus(tmp_path / "out", vocab_size=6, max_length=2048,
-                                      cache_dir=tmp_path / "cache")
+    tokenize_counts(
+        tmp_path / "cells.h5ad", tmp_path / "out", vocab=vocab, medians=medians, obs_columns=["cell_type"]
+    )
+    corpus = corpus_module.CellCorpus(
+        tmp_path / "out", vocab_size=6, max_length=2048, cache_dir=tmp_path / "cache"
+    )
     assert len(corpus) == 3
     assert [list(map(int, corpus[i])) for i in range(3)] == EXPECTED_V1
     assert list(corpus.column("cell_type")) == ["T", "NK", "Mono"]
@@ -392,8 +457,9 @@ def test_non_integer_counts_fail_unless_allowed(tmp_path, tables, caplog):
         tokenize_counts(tmp_path / "norm.h5ad", tmp_path / "out", vocab=vocab, medians=medians)
     assert not (tmp_path / "out").exists()
     with caplog.at_level(logging.WARNING):
-        manifest = tokenize_counts(tmp_path / "norm.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                                   allow_non_integer=True)
+        manifest = tokenize_counts(
+            tmp_path / "norm.h5ad", tmp_path / "out", vocab=vocab, medians=medians, allow_non_integer=True
+        )
     assert manifest["cells"]["non_integer"] == 3
     assert "non-integer" in caplog.text
 
@@ -404,16 +470,18 @@ def test_negative_counts_are_an_error(tmp_path, tables):
     counts[3, 0] = -1
     _adata(counts=counts).write_h5ad(tmp_path / "neg.h5ad")
     with pytest.raises(ValueError, match=r"neg\.h5ad.*negative.*row 3"):
-        tokenize_counts(tmp_path / "neg.h5ad", tmp_path / "out", vocab=vocab, medians=medians,
-                        allow_non_integer=True)
+        tokenize_counts(
+            tmp_path / "neg.h5ad", tmp_path / "out", vocab=vocab, medians=medians, allow_non_integer=True
+        )
 
 
 def test_clear_errors_for_user_mistakes(tmp_path, tables):
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
     with pytest.raises(ValueError, match=r"cells\.h5ad.*'tissue'.*available.*cell_type.*--obs-columns"):
-        tokenize_counts(tmp_path / "cells.h5ad", tmp_path / "o", vocab=vocab, medians=medians,
-                        obs_columns=["tissue"])
+        tokenize_counts(
+            tmp_path / "cells.h5ad", tmp_path / "o", vocab=vocab, medians=medians, obs_columns=["tissue"]
+        )
     _adata(genes=["A", "B", "C", "D", "E", "F"]).write_h5ad(tmp_path / "symbols.h5ad")
     with pytest.raises(ValueError, match=r"symbols\.h5ad.*none of the 6 genes.*--gene-names"):
         tokenize_counts(tmp_path / "symbols.h5ad", tmp_path / "o", vocab=vocab, medians=medians)
@@ -438,17 +506,34 @@ def test_output_is_never_half_written_or_overwritten(tmp_path, tables):
     counts = np.vstack([COUNTS, COUNTS])
     counts[-1, 0] = 0.5  # a problem in the last chunk, after earlier chunks were written
     obs = pd.DataFrame(index=[f"c{i}" for i in range(len(counts))])
-    anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(tmp_path / "l.h5ad")
+    anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(
+        tmp_path / "l.h5ad"
+    )
     with pytest.raises(ValueError, match="non-integer"):
-        tokenize_counts(tmp_path / "l.h5ad", tmp_path / "out", vocab=vocab, medians=medians, chunk_size=2,
-                        cells_per_shard=1)
+        tokenize_counts(
+            tmp_path / "l.h5ad",
+            tmp_path / "out",
+            vocab=vocab,
+            medians=medians,
+            chunk_size=2,
+            cells_per_shard=1,
+        )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))) == []
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty.*--overwrite"):
-        tokenize_counts(tmp_path / "l.h5ad", tmp_path / "out", vocab=vocab, medians=medians, allow_non_integer=True)
-    tokenize_counts(tmp_path / "l.h5ad", tmp_path / "out", vocab=vocab, medians=medians, allow_non_integer=True,
-                    overwrite=True, cells_per_shard=2)
+        tokenize_counts(
+            tmp_path / "l.h5ad", tmp_path / "out", vocab=vocab, medians=medians, allow_non_integer=True
+        )
+    tokenize_counts(
+        tmp_path / "l.h5ad",
+        tmp_path / "out",
+        vocab=vocab,
+        medians=medians,
+        allow_non_integer=True,
+        overwrite=True,
+        cells_per_shard=2,
+    )
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 3
 
@@ -456,8 +541,21 @@ def test_output_is_never_half_written_or_overwritten(tmp_path, tables):
 def test_command_line(tmp_path, tables, capsys):
     vocab, medians = tables
     _adata().write_h5ad(tmp_path / "cells.h5ad")
-    code = main([str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "out"), "--vocab", str(vocab),
-                 "--medians", str(medians), "--obs-columns", "cell_type,donor", "--chunk-size", "2"])
+    code = main(
+        [
+            str(tmp_path / "cells.h5ad"),
+            "--out",
+            str(tmp_path / "out"),
+            "--vocab",
+            str(vocab),
+            "--medians",
+            str(medians),
+            "--obs-columns",
+            "cell_type,donor",
+            "--chunk-size",
+            "2",
+        ]
+    )
     assert code == 0
     assert _ids(_read(tmp_path / "out")) == EXPECTED_V1
     assert main([str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "out2"), "--vocab", str(vocab)]) == 2
@@ -473,12 +571,21 @@ def test_ranking_rule_on_random_cells_with_ties_and_near_ties(max_genes, v2):
     rng = np.random.default_rng(3)
     n_genes = 300
     near_one = np.nextafter(1.0, 2.0) + 1e-13
-    medians = rng.choice([1.0, 2.0, near_one, 0.5], n_genes)  # few distinct medians: many ties, some near-ties
+    medians = rng.choice(
+        [1.0, 2.0, near_one, 0.5], n_genes
+    )  # few distinct medians: many ties, some near-ties
     token_ids = np.arange(10, 10 + n_genes)
-    column_map = GeneColumnMap(target=rng.permutation(n_genes), token_ids=token_ids, medians=medians,
-                               gene_ids=tuple(map(str, range(n_genes))), n_columns=n_genes,
-                               n_mapped_to_ensembl=n_genes)
-    counts = sp.random(40, n_genes, density=0.4, format="csr", random_state=4, data_rvs=lambda k: rng.integers(1, 4, k))
+    column_map = GeneColumnMap(
+        target=rng.permutation(n_genes),
+        token_ids=token_ids,
+        medians=medians,
+        gene_ids=tuple(map(str, range(n_genes))),
+        n_columns=n_genes,
+        n_mapped_to_ensembl=n_genes,
+    )
+    counts = sp.random(
+        40, n_genes, density=0.4, format="csr", random_state=4, data_rvs=lambda k: rng.integers(1, 4, k)
+    )
     counts.data = counts.data.astype(np.float64)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     aggregated = aggregate_to_vocabulary(counts, column_map)
@@ -500,14 +607,24 @@ def test_near_tie_at_the_truncation_point_keeps_the_larger_value():
     from dataset.prepare.rank_value import aggregate_to_vocabulary, encode_chunk
 
     medians = np.array([1.0, 1.0 + 1e-13, 1.0])  # token 11's value is a hair below token 12's
-    column_map = GeneColumnMap(target=np.arange(3), token_ids=np.array([10, 11, 12]), medians=medians,
-                               gene_ids=("a", "b", "c"), n_columns=3, n_mapped_to_ensembl=3)
+    column_map = GeneColumnMap(
+        target=np.arange(3),
+        token_ids=np.array([10, 11, 12]),
+        medians=medians,
+        gene_ids=("a", "b", "c"),
+        n_columns=3,
+        n_mapped_to_ensembl=3,
+    )
     counts = sp.csr_matrix(np.array([[5.0, 2.0, 2.0]]))
-    encoded = encode_chunk(aggregate_to_vocabulary(counts, column_map), np.array([9.0]), column_map, max_genes=2)
+    encoded = encode_chunk(
+        aggregate_to_vocabulary(counts, column_map), np.array([9.0]), column_map, max_genes=2
+    )
     assert encoded.tokens.tolist() == [10, 12]
 
 
-@pytest.mark.parametrize("case", ["zeros_and_unmapped_columns", "duplicate_columns", "ids_past_16_bits", "tiny_median"])
+@pytest.mark.parametrize(
+    "case", ["zeros_and_unmapped_columns", "duplicate_columns", "ids_past_16_bits", "tiny_median"]
+)
 def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
     """The sort-key path and its exact fallbacks (ids that do not fit the key, values that overflow) against a
     plain sort of each cell, on float32 counts with many equal values."""
@@ -516,20 +633,32 @@ def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
 
     rng = np.random.default_rng(7)
     n_columns, n_slots, max_genes = 60, 50, 30
-    target = rng.permutation(n_columns) % n_slots if case == "duplicate_columns" else rng.permutation(n_columns)
+    target = (
+        rng.permutation(n_columns) % n_slots if case == "duplicate_columns" else rng.permutation(n_columns)
+    )
     target = np.where(target < n_slots, target, -1)  # unmapped columns in every case but duplicates
-    token_ids = np.sort(rng.choice(70_000 if case == "ids_past_16_bits" else 30_000, n_slots, replace=False)) + 4
+    token_ids = (
+        np.sort(rng.choice(70_000 if case == "ids_past_16_bits" else 30_000, n_slots, replace=False)) + 4
+    )
     medians = rng.choice([0.5, 1.0, 1.5, 3.0], n_slots)
     if case == "tiny_median":
         medians[3] = 1e-320  # its values overflow to inf: no sort key for them
-    column_map = GeneColumnMap(target=target, token_ids=token_ids, medians=medians,
-                               gene_ids=tuple(map(str, range(n_slots))), n_columns=n_columns,
-                               n_mapped_to_ensembl=n_columns)
-    counts = sp.random(25, n_columns, density=0.7, format="csr", random_state=8,
-                       data_rvs=lambda k: rng.integers(0, 4, k)).astype(np.float32)  # explicit zeros too
+    column_map = GeneColumnMap(
+        target=target,
+        token_ids=token_ids,
+        medians=medians,
+        gene_ids=tuple(map(str, range(n_slots))),
+        n_columns=n_columns,
+        n_mapped_to_ensembl=n_columns,
+    )
+    counts = sp.random(
+        25, n_columns, density=0.7, format="csr", random_state=8, data_rvs=lambda k: rng.integers(0, 4, k)
+    ).astype(np.float32)  # explicit zeros too
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     with np.errstate(over="ignore"):
-        encoded = encode_chunk(aggregate_to_vocabulary(counts, column_map), totals, column_map, max_genes=max_genes)
+        encoded = encode_chunk(
+            aggregate_to_vocabulary(counts, column_map), totals, column_map, max_genes=max_genes
+        )
     for i in range(counts.shape[0]):
         per_slot = np.zeros(n_slots)
         row = counts[i]
@@ -543,8 +672,10 @@ def test_sort_key_ranking_equals_a_plain_per_cell_sort(case):
         assert encoded.tokens[encoded.offsets[i] : encoded.offsets[i + 1]].tolist() == expected
 
 
-@pytest.mark.parametrize("values", [[0, 3, 1], [0.0, -0.0, 2.0], [1.5, 2.0, 0.0], [1.0, np.nan, 0.0],
-                                    [1.0, np.inf, 0.0], [2.0, -1.0, 0.0]])
+@pytest.mark.parametrize(
+    "values",
+    [[0, 3, 1], [0.0, -0.0, 2.0], [1.5, 2.0, 0.0], [1.0, np.nan, 0.0], [1.0, np.inf, 0.0], [2.0, -1.0, 0.0]],
+)
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float16, np.float32, np.float64])
 def test_count_check_in_the_stored_dtype_agrees_with_float64(values, dtype):
     """Checking counts before the float64 copy accepts and rejects exactly what the float64 check does."""

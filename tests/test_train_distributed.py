@@ -26,18 +26,34 @@ def _stock_logits_match(model_dir) -> None:
         assert torch.allclose(stock(input_ids=ids).logits, ours(ids).logits, atol=1e-5)
 
 
-@pytest.mark.skipif(not REAL_CELLS.is_file(), reason="../shared/data/genecorpus_500_samples.parquet not present")
+@pytest.mark.skipif(
+    not REAL_CELLS.is_file(), reason="../shared/data/genecorpus_500_samples.parquet not present"
+)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_rank_training_learns_real_cells_and_exports(tmp_path, strategy):
-    run_entry("train.py", [f"data.path={REAL_CELLS}", f"data.vocab={V1_VOCAB}", f"training.strategy={strategy}",
-                           "training.num_train_steps=30", "training.warmup_steps=3", "training.lr=5e-3",
-                           "checkpoint.every_steps=15", "eval.every_steps=30", f"output_dir={tmp_path / 'run'}"],
-              nproc=2, tmp=tmp_path)
+    run_entry(
+        "train.py",
+        [
+            f"data.path={REAL_CELLS}",
+            f"data.vocab={V1_VOCAB}",
+            f"training.strategy={strategy}",
+            "training.num_train_steps=30",
+            "training.warmup_steps=3",
+            "training.lr=5e-3",
+            "checkpoint.every_steps=15",
+            "eval.every_steps=30",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        nproc=2,
+        tmp=tmp_path,
+    )
     losses = train_losses(tmp_path / "run" / "train.jsonl")
     assert sorted(losses) == list(range(1, 31))
     final_eval = eval_records(tmp_path / "run" / "train.jsonl")[-1]
     assert final_eval["loss"] < math.log(25426) - 1.0, final_eval
-    assert final_eval["uniform_loss"] == pytest.approx(math.log(25426))  # the baselines ride in every eval record
+    assert final_eval["uniform_loss"] == pytest.approx(
+        math.log(25426)
+    )  # the baselines ride in every eval record
     assert 0.0 <= final_eval["unigram_accuracy"] <= final_eval["rank_position_accuracy"] <= 1.0
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000030"
     assert (checkpoint / "COMMITTED.json").is_file()
@@ -55,8 +71,14 @@ def test_two_rank_training_learns_real_cells_and_exports(tmp_path, strategy):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_stop_and_go_gives_identical_losses(tmp_path, strategy):
     """6 steps straight vs 3 steps, stop, resume, 3 more: the same loss at every step, dropout on."""
-    common = [f"training.strategy={strategy}", "training.num_train_steps=6", "training.warmup_steps=2",
-              "checkpoint.every_steps=100", "eval.every_steps=100", "model.hidden_dropout_prob=0.1"]
+    common = [
+        f"training.strategy={strategy}",
+        "training.num_train_steps=6",
+        "training.warmup_steps=2",
+        "checkpoint.every_steps=100",
+        "eval.every_steps=100",
+        "model.hidden_dropout_prob=0.1",
+    ]
     run_entry("train.py", [*common, f"output_dir={tmp_path / 'straight'}"], nproc=2, tmp=tmp_path)
     stopped = [*common, f"output_dir={tmp_path / 'stopped'}"]
     run_entry("train.py", [*stopped, "training.stop_after_steps=3"], nproc=2, tmp=tmp_path)
@@ -69,8 +91,14 @@ def test_stop_and_go_gives_identical_losses(tmp_path, strategy):
 
 
 def test_resume_on_a_different_number_of_ranks(tmp_path):
-    out = [f"output_dir={tmp_path / 'run'}", "training.strategy=fsdp2", "training.num_train_steps=4",
-           "training.warmup_steps=1", "checkpoint.every_steps=100", "eval.every_steps=100"]
+    out = [
+        f"output_dir={tmp_path / 'run'}",
+        "training.strategy=fsdp2",
+        "training.num_train_steps=4",
+        "training.warmup_steps=1",
+        "checkpoint.every_steps=100",
+        "eval.every_steps=100",
+    ]
     run_entry("train.py", [*out, "training.stop_after_steps=2"], nproc=2, tmp=tmp_path)
     resumed = run_entry("train.py", out, nproc=1, tmp=tmp_path)
     assert "resumed from" in resumed.stderr
@@ -80,23 +108,42 @@ def test_resume_on_a_different_number_of_ranks(tmp_path):
 
 def test_packed_batches_give_the_losses_of_padded_batches(tmp_path):
     """The same cells and masks, packed without padding (cu_seqlens) or padded: the same losses, dropout off."""
-    common = ["training.num_train_steps=3", "training.warmup_steps=1", "checkpoint.every_steps=100",
-              "eval.every_steps=3", "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0"]
+    common = [
+        "training.num_train_steps=3",
+        "training.warmup_steps=1",
+        "checkpoint.every_steps=100",
+        "eval.every_steps=3",
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+    ]
     for packed in (False, True):
-        run_entry("train.py", [*common, f"data.packed={packed}", f"output_dir={tmp_path / str(packed)}"], tmp=tmp_path)
+        run_entry(
+            "train.py",
+            [*common, f"data.packed={packed}", f"output_dir={tmp_path / str(packed)}"],
+            tmp=tmp_path,
+        )
     padded = train_losses(tmp_path / "False" / "train.jsonl")
     packed = train_losses(tmp_path / "True" / "train.jsonl")
     assert padded.keys() == packed.keys() and all(abs(padded[s] - packed[s]) < 1e-4 for s in padded)
     assert eval_records(tmp_path / "True" / "train.jsonl")[-1]["loss"] == pytest.approx(
-        eval_records(tmp_path / "False" / "train.jsonl")[-1]["loss"], abs=1e-4)
+        eval_records(tmp_path / "False" / "train.jsonl")[-1]["loss"], abs=1e-4
+    )
 
 
 def test_float8_on_two_fsdp2_ranks_with_packed_batches_trains_resumes_and_exports(tmp_path):
     """torchao FP8 on sharded layers, with packed batches rounded up to 16 tokens; the export is stock BERT."""
     pytest.importorskip("torchao.float8", reason="torchao is not installed")
-    out = [f"output_dir={tmp_path / 'run'}", "model=tiny", "training.fp8=torchao", "training.strategy=fsdp2",
-           "data.packed=true", "training.num_train_steps=4", "training.warmup_steps=1",
-           "checkpoint.every_steps=100", "eval.every_steps=100"]
+    out = [
+        f"output_dir={tmp_path / 'run'}",
+        "model=tiny",
+        "training.fp8=torchao",
+        "training.strategy=fsdp2",
+        "data.packed=true",
+        "training.num_train_steps=4",
+        "training.warmup_steps=1",
+        "checkpoint.every_steps=100",
+        "eval.every_steps=100",
+    ]
     first = run_entry("train.py", [*out, "training.stop_after_steps=2"], nproc=2, tmp=tmp_path)
     assert "float8: 12 linear layers converted" in first.stderr
     resumed = run_entry("train.py", out, nproc=2, tmp=tmp_path)

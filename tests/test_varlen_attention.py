@@ -29,7 +29,7 @@ def per_cell_reference(q, k, v, lengths):
     """Plain SDPA on each cell alone: what packed attention must equal."""
     outs, start = [], 0
     for n in lengths:
-        cell = [t[start:start + n].transpose(0, 1)[None] for t in (q, k, v)]  # [1, heads, n, d]
+        cell = [t[start : start + n].transpose(0, 1)[None] for t in (q, k, v)]  # [1, heads, n, d]
         outs.append(F.scaled_dot_product_attention(*cell)[0].transpose(0, 1))
         start += n
     return torch.cat(outs)
@@ -37,8 +37,10 @@ def per_cell_reference(q, k, v, lengths):
 
 def qkv(total: int, heads: int = 2, dim: int = 16, device: str = "cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(total, heads, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
-            for _ in range(3)]
+    return [
+        torch.randn(total, heads, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        for _ in range(3)
+    ]
 
 
 def test_grid_path_equals_attention_over_each_cell_alone():
@@ -83,12 +85,21 @@ def test_flash_varlen_dropout_is_applied_and_replayed_in_backward():
 
 @pytest.mark.skipif(NO_CUDA, reason="the flash varlen kernels need a CUDA GPU")
 def test_model_loss_is_the_same_padded_or_packed_on_cuda_in_bf16():
-    config = BertTEConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
+    config = BertTEConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForMaskedLM(config).cuda().eval()
     ids = torch.randint(3, 64, (3, 20), device="cuda")
-    mask = (torch.arange(20, device="cuda")[None, :] < torch.tensor([20, 7, 13], device="cuda")[:, None]).long()
+    mask = (
+        torch.arange(20, device="cuda")[None, :] < torch.tensor([20, 7, 13], device="cuda")[:, None]
+    ).long()
     labels = torch.where((torch.rand(3, 20, device="cuda") < 0.3) & mask.bool(), ids, -100)
     labels[:, 0] = ids[:, 0]
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -22,8 +22,12 @@ def masked_lm_baselines(data: DataBundle, batches: list[dict], is_main: bool) ->
     return flat_baselines(baseline_columns(baselines, batches))
 
 
-def load_baselines(corpus: CellCorpus, train_idx: np.ndarray, special_ids: list[int], is_main: bool,
-                   ) -> FrequencyBaselines:
+def load_baselines(
+    corpus: CellCorpus,
+    train_idx: np.ndarray,
+    special_ids: list[int],
+    is_main: bool,
+) -> FrequencyBaselines:
     """Rank 0 counts (or reads) the cached baselines first; the other ranks then read its cache."""
     baselines = cached_baselines(corpus, train_idx, special_ids) if is_main else None
     barrier()
@@ -41,8 +45,8 @@ def flat_baselines(columns: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{name}_{key}": value for name, metrics in columns.items() for key, value in metrics.items()}
 
 
-
-
 def split_columns(record: dict, names: tuple[str, ...]) -> dict[str, dict]:
     """Table columns {name: metrics} from a flat eval record whose keys start with `<name>_`."""
-    return {name: {k[len(name) + 1:]: v for k, v in record.items() if k.startswith(name + "_")} for name in names}
+    return {
+        name: {k[len(name) + 1 :]: v for k, v in record.items() if k.startswith(name + "_")} for name in names
+    }

@@ -54,8 +54,10 @@ def resolve_data_path(cfg: DataConfig, ctx: DistributedContext) -> Path:
     if cfg.path is not None:
         path = Path(cfg.path)
         if not path.exists():
-            raise FileNotFoundError(f"config 'data.path': {path} does not exist; give a parquet file, a directory "
-                                    "of parquet shards or a save_to_disk Arrow directory (null = built-in corpus)")
+            raise FileNotFoundError(
+                f"config 'data.path': {path} does not exist; give a parquet file, a directory "
+                "of parquet shards or a save_to_disk Arrow directory (null = built-in corpus)"
+            )
         return path
     if ctx.is_main:
         ensure_builtin_corpus(cfg.builtin_dir, n_cells=cfg.builtin_cells)
@@ -71,12 +73,16 @@ def resolve_vocab(cfg: DataConfig, data_path: Path, vocab_size: int) -> Vocabula
         folder = data_path if data_path.is_dir() else data_path.parent
         path = folder / "vocab.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"no vocabulary for {data_path}: set data.vocab to the corpus's vocab.txt or "
-                                    "Geneformer token_dictionary .pkl (ids must match the tokenized cells)")
+            raise FileNotFoundError(
+                f"no vocabulary for {data_path}: set data.vocab to the corpus's vocab.txt or "
+                "Geneformer token_dictionary .pkl (ids must match the tokenized cells)"
+            )
     vocab = Vocabulary.load(path)
     if vocab.size != vocab_size:
-        raise ValueError(f"vocabulary {path} has {vocab.size} tokens but the model has vocab_size {vocab_size}; "
-                         "use the model config that matches the corpus (or override model.vocab_size)")
+        raise ValueError(
+            f"vocabulary {path} has {vocab.size} tokens but the model has vocab_size {vocab_size}; "
+            "use the model config that matches the corpus (or override model.vocab_size)"
+        )
     return vocab
 
 
@@ -94,25 +100,55 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
     cfg = run.data
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
-    corpus = CellCorpus.open_on_all_ranks(path, is_main=ctx.is_main, vocab_size=vocab_size, max_length=max_length,
-                                          cache_dir=cfg.cache_dir, ends=vocab.cell_ends)
+    corpus = CellCorpus.open_on_all_ranks(
+        path,
+        is_main=ctx.is_main,
+        vocab_size=vocab_size,
+        max_length=max_length,
+        cache_dir=cfg.cache_dir,
+        ends=vocab.cell_ends,
+    )
     train_idx, heldout_idx = split_indices(len(corpus), cfg.heldout_fraction, run.seed)
     eval_cells = heldout_idx[: run.eval.max_cells]
-    sampler_args = dict(max_tokens=cfg.max_tokens, max_cells=cfg.max_cells, rank=ctx.rank,
-                        world_size=ctx.world_size, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    sampler_args = dict(
+        max_tokens=cfg.max_tokens,
+        max_cells=cfg.max_cells,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
     train_loader = CellBatchLoader(
-        corpus, TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
-        _collator(cfg, vocab, run.seed, _static_shape(run, max_length)), num_workers=cfg.num_workers, rank=ctx.rank,
-        pin_memory=ctx.device.type == "cuda")
-    eval_loader = HeldoutBatches(corpus, eval_cells, _collator(cfg, vocab, run.eval.seed).fixed_masks,
-                                 max_tokens=cfg.max_tokens, max_cells=cfg.max_cells,
-                                 pad_to_multiple_of=cfg.pad_to_multiple_of, rank=ctx.rank, world_size=ctx.world_size)
+        corpus,
+        TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
+        _collator(cfg, vocab, run.seed, _static_shape(run, max_length)),
+        num_workers=cfg.num_workers,
+        rank=ctx.rank,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    eval_loader = HeldoutBatches(
+        corpus,
+        eval_cells,
+        _collator(cfg, vocab, run.eval.seed).fixed_masks,
+        max_tokens=cfg.max_tokens,
+        max_cells=cfg.max_cells,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     return DataBundle(corpus, vocab, train_idx, heldout_idx, train_loader, eval_loader)
 
 
-def _collator(cfg: DataConfig, vocab: Vocabulary, seed: int, static_shape: StaticShape | None = None) -> MLMCollator:
-    return MLMCollator(vocab, mask_prob=cfg.mask_prob, pad_to_multiple_of=cfg.pad_to_multiple_of,
-                       packed=cfg.packed, static_shape=static_shape, seed=seed)
+def _collator(
+    cfg: DataConfig, vocab: Vocabulary, seed: int, static_shape: StaticShape | None = None
+) -> MLMCollator:
+    return MLMCollator(
+        vocab,
+        mask_prob=cfg.mask_prob,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        packed=cfg.packed,
+        static_shape=static_shape,
+        seed=seed,
+    )
 
 
 def _static_shape(run: RunConfig, max_length: int) -> StaticShape | None:
@@ -127,8 +163,11 @@ def fixed_eval_batches(data: DataBundle) -> list[dict]:
     return list(data.eval_loader.epoch_batches(epoch=0))
 
 
-def autocast_factory(dtype: torch.dtype, device: torch.device, strategy: str,
-                     ) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_factory(
+    dtype: torch.dtype,
+    device: torch.device,
+    strategy: str,
+) -> Callable[[], contextlib.AbstractContextManager]:
     """Autocast for replicated (DDP / single-process) bf16 runs; FSDP2 casts through its mixed-precision policy."""
     if dtype == torch.float32 or strategy == "fsdp2":
         return contextlib.nullcontext

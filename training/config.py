@@ -107,12 +107,20 @@ class TrainingConfig:
     # Static-shape packed batches and a step replayed as CUDA graphs (torch.compile mode=reduce-overhead): for small
     # models bound by kernel launches. Needs a CUDA GPU, data.packed=true and data.max_cells; replaces `compile`.
     cuda_graphs: bool = False
-    fp8: str = "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
-    fp8_recipe: str = "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
+    fp8: str = (
+        "off"  # off | torchao (float8 on nn.Linear) | te (Transformer Engine layers, model.use_te_layers)
+    )
+    fp8_recipe: str = (
+        "delayed"  # with fp8=te: delayed | current (per-tensor scaling) | mxfp8 (Blackwell and newer)
+    )
     fp8_scaling: str = "tensorwise"  # with fp8=torchao: tensorwise | rowwise
-    fp8_layers: str = "auto"  # with fp8=torchao: auto (only GEMMs large enough to gain) | all (every aligned one)
+    fp8_layers: str = (
+        "auto"  # with fp8=torchao: auto (only GEMMs large enough to gain) | all (every aligned one)
+    )
     nonfinite: str = "stop"  # stop | skip
-    stop_after_steps: int | None = None  # checkpoint and exit after this many steps of this launch (job time limits)
+    stop_after_steps: int | None = (
+        None  # checkpoint and exit after this many steps of this launch (job time limits)
+    )
 
     def fp8_alignment(self) -> int:
         return fp8_alignment(self.fp8, self.fp8_recipe)
@@ -131,11 +139,17 @@ class TrainingConfig:
         _require(self.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0")
         _require(self.lr > 0, "training.lr", "must be > 0")
         _require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0")
-        _require(0 <= self.warmup_steps < self.num_train_steps, "training.warmup_steps",
-                 f"must be in [0, num_train_steps={self.num_train_steps})")
+        _require(
+            0 <= self.warmup_steps < self.num_train_steps,
+            "training.warmup_steps",
+            f"must be in [0, num_train_steps={self.num_train_steps})",
+        )
         _require(0.0 <= self.min_lr_ratio <= 1.0, "training.min_lr_ratio", "must be in [0, 1]")
-        _require(self.stop_after_steps is None or self.stop_after_steps > 0, "training.stop_after_steps",
-                 "must be > 0 or null")
+        _require(
+            self.stop_after_steps is None or self.stop_after_steps > 0,
+            "training.stop_after_steps",
+            "must be > 0 or null",
+        )
         _require(self.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 disables clipping)")
 
 
@@ -146,7 +160,9 @@ class CheckpointConfig:
     keep_last: int = 3
     async_save: bool = False
     resume: bool = True
-    allow_changed_run: bool = False  # resume even if the teacher, model, data or optimization settings changed
+    allow_changed_run: bool = (
+        False  # resume even if the teacher, model, data or optimization settings changed
+    )
 
     def validate(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
@@ -173,15 +189,20 @@ class LoggingConfig:
     wandb_project: str = "geneformer-recipe"
     wandb_entity: str | None = None  # W&B team or user; None = your default entity
     wandb_name: str | None = None  # None = the output folder's name
-    wandb_group: str | None = None  # None = none, but distill.py groups its teacher with its student, a sweep its jobs
+    wandb_group: str | None = (
+        None  # None = none, but distill.py groups its teacher with its student, a sweep its jobs
+    )
     wandb_tags: list[str] = field(default_factory=list)
     plot: bool = True
 
     def validate(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be > 0")
         _one_of(self.wandb_mode, "logging.wandb_mode", ("offline", "online"))
-        _require(not self.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
-                 "true, but wandb is not installed: pip install -r requirements.txt, or set logging.wandb=false")
+        _require(
+            not self.wandb or importlib.util.find_spec("wandb") is not None,
+            "logging.wandb",
+            "true, but wandb is not installed: pip install -r requirements.txt, or set logging.wandb=false",
+        )
 
 
 @dataclass
@@ -216,12 +237,16 @@ class DistillConfig:
         _require(sum(self.weights().values()) > 0, "distill.*_weight", "at least one loss weight must be > 0")
         _one_of(self.student_init, "distill.student_init", ("random", "teacher"))
         _one_of(self.teacher_precision, "distill.teacher_precision", ("auto", "fp32", "bf16"))
-        _require(self.relation_heads is None or self.relation_heads > 0, "distill.relation_heads", "must be > 0")
+        _require(
+            self.relation_heads is None or self.relation_heads > 0, "distill.relation_heads", "must be > 0"
+        )
 
 
 @dataclass
 class FinetuneConfig:
-    model_dir: str | None = None  # exported masked-LM directory; None = first pretrain `model` on the same data
+    model_dir: str | None = (
+        None  # exported masked-LM directory; None = first pretrain `model` on the same data
+    )
     pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
     label_column: str = "cell_type"  # corpus column holding each cell's class (empty / null = unlabelled)
@@ -230,7 +255,11 @@ class FinetuneConfig:
     def validate(self) -> None:
         _require(self.pretrain_steps > 0, "finetune.pretrain_steps", "must be > 0")
         _require(self.pretrain_lr > 0, "finetune.pretrain_lr", "must be > 0")
-        _require(bool(self.label_column), "finetune.label_column", "must name a column of the corpus (e.g. cell_type)")
+        _require(
+            bool(self.label_column),
+            "finetune.label_column",
+            "must name a column of the corpus (e.g. cell_type)",
+        )
         _require(self.freeze_layers >= 0, "finetune.freeze_layers", "must be >= 0")
 
 
@@ -250,46 +279,85 @@ class RunConfig:
     def validate(self) -> RunConfig:
         # Packed batches need no padding: under FP8 the model rounds their token count up itself.
         align = self.training.fp8_alignment()
-        _require(self.training.fp8 == "off" or self.data.packed or self.data.pad_to_multiple_of % align == 0,
-                 "data.pad_to_multiple_of", f"must be a multiple of {align} with training.fp8 and padded batches (FP8 "
-                 f"GEMMs need dimensions divisible by {align}); set it to {align}, or use data.packed=true")
-        for part in (self.data, self.training, self.checkpoint, self.eval, self.logging, self.distill,
-                     self.finetune):
+        _require(
+            self.training.fp8 == "off" or self.data.packed or self.data.pad_to_multiple_of % align == 0,
+            "data.pad_to_multiple_of",
+            f"must be a multiple of {align} with training.fp8 and padded batches (FP8 "
+            f"GEMMs need dimensions divisible by {align}); set it to {align}, or use data.packed=true",
+        )
+        for part in (
+            self.data,
+            self.training,
+            self.checkpoint,
+            self.eval,
+            self.logging,
+            self.distill,
+            self.finetune,
+        ):
             if part is not None:
                 part.validate()
         self._validate_cuda_graphs()
-        _require(bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)")
-        _require(self.distill is None or self.distill.relation_weight == 0 or not self.data.packed,
-                 "distill.relation_weight", "self-attention relations are per cell; set data.packed=false with them")
-        _require(self.training.fp8 != "te" or bool(self.model.get("use_te_layers")), "training.fp8",
-                 "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
-                 "training.fp8=torchao for plain layers")
+        _require(
+            bool(self.model), "model", "no model given; pick one with model=<name> (hydra_config/model/)"
+        )
+        _require(
+            self.distill is None or self.distill.relation_weight == 0 or not self.data.packed,
+            "distill.relation_weight",
+            "self-attention relations are per cell; set data.packed=false with them",
+        )
+        _require(
+            self.training.fp8 != "te" or bool(self.model.get("use_te_layers")),
+            "training.fp8",
+            "'te' runs FP8 through Transformer Engine layers; set model.use_te_layers=true, or use "
+            "training.fp8=torchao for plain layers",
+        )
         widths = {key: self.model.get(key) for key in ("hidden_size", "intermediate_size")}
-        _require(self.training.fp8 != "te" or all(isinstance(w, int) and w % align == 0 for w in widths.values()),
-                 "training.fp8", f"'te' needs model.hidden_size and model.intermediate_size divisible by {align} "
-                 f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
-                 "training.fp8=torchao, which leaves such layers in bf16")
+        _require(
+            self.training.fp8 != "te" or all(isinstance(w, int) and w % align == 0 for w in widths.values()),
+            "training.fp8",
+            f"'te' needs model.hidden_size and model.intermediate_size divisible by {align} "
+            f"(Transformer Engine layers cannot keep one GEMM in bf16); got {widths}. Use a wider model, or "
+            "training.fp8=torchao, which leaves such layers in bf16",
+        )
         return self
 
     def _validate_cuda_graphs(self) -> None:
         """CUDA graphs replay fixed shapes on one CUDA device: refuse, naming the fix, what cannot be captured."""
         if not self.training.cuda_graphs:
             return
-        needs = {"data.packed": (self.data.packed, "static shapes are packed batches; set data.packed=true"),
-                 "data.max_cells": (self.data.max_cells is not None,
-                                    "the static cell count comes from it; set the most cells a micro-batch may hold"),
-                 "training.device": (self.training.device != "cpu",
-                                     "CUDA graphs need a CUDA GPU; set training.cuda_graphs=false on CPU"),
-                 "training.strategy": (self.training.strategy == "ddp",
-                                       "FSDP2's per-layer gathers cannot be captured; use training.strategy=ddp"),
-                 "training.fp8": (self.training.fp8 != "te",
-                                  "Transformer Engine layers are not captured here; use training.fp8=torchao or off")}
+        needs = {
+            "data.packed": (self.data.packed, "static shapes are packed batches; set data.packed=true"),
+            "data.max_cells": (
+                self.data.max_cells is not None,
+                "the static cell count comes from it; set the most cells a micro-batch may hold",
+            ),
+            "training.device": (
+                self.training.device != "cpu",
+                "CUDA graphs need a CUDA GPU; set training.cuda_graphs=false on CPU",
+            ),
+            "training.strategy": (
+                self.training.strategy == "ddp",
+                "FSDP2's per-layer gathers cannot be captured; use training.strategy=ddp",
+            ),
+            "training.fp8": (
+                self.training.fp8 != "te",
+                "Transformer Engine layers are not captured here; use training.fp8=torchao or off",
+            ),
+        }
         for key, (ok, fix) in needs.items():
             _require(ok, key, f"with training.cuda_graphs=true: {fix}")
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig,
-             "eval": EvalConfig, "logging": LoggingConfig, "distill": DistillConfig, "finetune": FinetuneConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+    "distill": DistillConfig,
+    "finetune": FinetuneConfig,
+}
 
 
 def _allowed_keys() -> list[str]:

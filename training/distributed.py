@@ -31,7 +31,9 @@ class DistributedContext:
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config 'training.device': cuda requested but no CUDA GPU is visible; use training.device=cpu")
+        raise ValueError(
+            "config 'training.device': cuda requested but no CUDA GPU is visible; use training.device=cpu"
+        )
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -54,8 +56,9 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         # device_id binds NCCL eagerly to this rank's GPU; gloo takes none.
         extra = {"device_id": chosen} if chosen.type == "cuda" else {}
-        dist.init_process_group(backend=process_group_backend(chosen), timeout=datetime.timedelta(minutes=30),
-                                **extra)
+        dist.init_process_group(
+            backend=process_group_backend(chosen), timeout=datetime.timedelta(minutes=30), **extra
+        )
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 

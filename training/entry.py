@@ -31,8 +31,9 @@ def setup_logging() -> None:
     level = logging.INFO if rank == "0" else logging.WARNING
     if os.environ.get("RECIPE_DEBUG"):
         level = logging.DEBUG
-    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
 
@@ -41,14 +42,17 @@ def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: Tr
     logging.getLogger("run").critical("uncaught %s", kind.__name__, exc_info=(kind, error, traceback))
 
 
-def run_entry(cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None], *,
-              section: str | None = None) -> None:
+def run_entry(
+    cfg: DictConfig, job: Callable[[RunConfig, DistributedContext], None], *, section: str | None = None
+) -> None:
     """Parse and validate the config before any heavy work, then run `job` inside a process group.
 
     `section`: the config section the job needs (distill, finetune), refused early when missing.
     """
     if section is not None and cfg.get(section) is None:
-        raise SystemExit(f"this entry point needs a config with a '{section}' section (hydra_config/{section}/)")
+        raise SystemExit(
+            f"this entry point needs a config with a '{section}' section (hydra_config/{section}/)"
+        )
     setup_logging()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them; no effect on CPU
     try:

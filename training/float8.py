@@ -32,7 +32,9 @@ def align_packed_tokens(model: nn.Module, multiple: int = FP8_ALIGNMENT) -> None
             module.token_multiple = multiple
 
 
-def apply_float8(model: nn.Module, *, tokens: int, scaling: str = "tensorwise", layers: str = "auto") -> list[str]:
+def apply_float8(
+    model: nn.Module, *, tokens: int, scaling: str = "tensorwise", layers: str = "auto"
+) -> list[str]:
     """Swap the encoder linears that gain from FP8 at `tokens` rows per micro-batch for torchao Float8Linear in
     place (parameter names do not change), align packed token counts for them, and log which layers run in FP8."""
     try:
@@ -40,7 +42,9 @@ def apply_float8(model: nn.Module, *, tokens: int, scaling: str = "tensorwise", 
     except ImportError as error:
         raise ImportError("training.fp8=torchao needs torchao: pip install torchao") from error
     keep = fp8_layer_filter(tokens, scaling, layers)
-    encoder = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and "encoder.layer." in fqn]
+    encoder = [
+        fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and "encoder.layer." in fqn
+    ]
     converted: list[str] = []
 
     def record(module: nn.Module, fqn: str) -> bool:
@@ -49,15 +53,26 @@ def apply_float8(model: nn.Module, *, tokens: int, scaling: str = "tensorwise", 
             return True
         return False
 
-    convert_to_float8_training(model, module_filter_fn=record, config=Float8LinearConfig.from_recipe_name(scaling))
+    convert_to_float8_training(
+        model, module_filter_fn=record, config=Float8LinearConfig.from_recipe_name(scaling)
+    )
     if converted:
         align_packed_tokens(model)
     left = [fqn for fqn in encoder if fqn not in converted]
-    log.info("float8 (%s, %d tokens per micro-batch): %d of %d encoder linears run in FP8: %s", scaling, tokens,
-             len(converted), len(encoder), summarize_layers(converted))
+    log.info(
+        "float8 (%s, %d tokens per micro-batch): %d of %d encoder linears run in FP8: %s",
+        scaling,
+        tokens,
+        len(converted),
+        len(encoder),
+        summarize_layers(converted),
+    )
     if left:
-        log.info("float8: left in bf16 (GEMMs too small to gain, or dimensions not multiples of %d): %s",
-                 FP8_ALIGNMENT, summarize_layers(left))
+        log.info(
+            "float8: left in bf16 (GEMMs too small to gain, or dimensions not multiples of %d): %s",
+            FP8_ALIGNMENT,
+            summarize_layers(left),
+        )
     return converted
 
 
@@ -70,7 +85,9 @@ def te_fp8_recipe(name: str) -> Recipe:
     from transformer_engine.common import recipe
 
     if name == "delayed":
-        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+        return recipe.DelayedScaling(
+            fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max"
+        )
     if name == "current":
         return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
     if name == "mxfp8":
@@ -81,13 +98,17 @@ def te_fp8_recipe(name: str) -> Recipe:
 def check_te_fp8_device(name: str, device: torch.device) -> None:
     """Refuse, before any step, a recipe the GPU cannot run (instead of failing inside a TE kernel)."""
     if device.type != "cuda":
-        raise ValueError("training.fp8=te needs a CUDA GPU (Transformer Engine); on CPU use training.fp8=torchao")
+        raise ValueError(
+            "training.fp8=te needs a CUDA GPU (Transformer Engine); on CPU use training.fp8=torchao"
+        )
     needed = _TE_RECIPE_CAPABILITY[name]
     have = torch.cuda.get_device_capability(device)
     if have < needed:
-        raise ValueError(f"training.fp8_recipe={name} needs compute capability {needed[0]}.{needed[1]} or newer; "
-                         f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}"
-                         + ("; use delayed or current" if name == "mxfp8" else ""))
+        raise ValueError(
+            f"training.fp8_recipe={name} needs compute capability {needed[0]}.{needed[1]} or newer; "
+            f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}"
+            + ("; use delayed or current" if name == "mxfp8" else "")
+        )
 
 
 def te_fp8_autocast(name: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -96,8 +117,10 @@ def te_fp8_autocast(name: str, device: torch.device) -> Callable[[], contextlib.
     try:
         import transformer_engine.pytorch as te
     except ImportError as error:
-        raise ImportError(f"training.fp8=te needs Transformer Engine ({error}); use the container, or "
-                          "training.fp8=torchao on plain layers") from error
+        raise ImportError(
+            f"training.fp8=te needs Transformer Engine ({error}); use the container, or "
+            "training.fp8=torchao on plain layers"
+        ) from error
 
     fp8_recipe = te_fp8_recipe(name)
     group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
@@ -106,8 +129,9 @@ def te_fp8_autocast(name: str, device: torch.device) -> Callable[[], contextlib.
     return functools.partial(te.fp8_autocast, enabled=True, fp8_recipe=fp8_recipe, fp8_group=group)
 
 
-def nest_contexts(*factories: Callable[[], contextlib.AbstractContextManager],
-                  ) -> Callable[[], contextlib.AbstractContextManager]:
+def nest_contexts(
+    *factories: Callable[[], contextlib.AbstractContextManager],
+) -> Callable[[], contextlib.AbstractContextManager]:
     """One context factory entering each of `factories` in order (e.g. bf16 autocast, then FP8 autocast)."""
 
     @contextlib.contextmanager

@@ -25,7 +25,9 @@ from training.entry import setup_logging
 log = logging.getLogger("config")
 
 
-def recipe_main(config_path: str, config_name: str) -> Callable[[Callable[[DictConfig], None]], Callable[[], None]]:
+def recipe_main(
+    config_path: str, config_name: str
+) -> Callable[[Callable[[DictConfig], None]], Callable[[], None]]:
     """`hydra.main` for the recipe's entry points (config_path relative to the entry script, as with hydra)."""
 
     def decorate(task: Callable[[DictConfig], None]) -> Callable[[], None]:
@@ -74,8 +76,10 @@ def place_sweep_job(cfg: DictConfig) -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Hydra runs a sweep's jobs one after another in one process, and a process group cannot start twice.
-        raise ConfigError("a sweep (-m) runs its jobs one after another in one process, which torchrun's ranks "
-                          "cannot; launch one torchrun per setting instead, each with its own output_dir")
+        raise ConfigError(
+            "a sweep (-m) runs its jobs one after another in one process, which torchrun's ranks "
+            "cannot; launch one torchrun per setting instead, each with its own output_dir"
+        )
     sweep = Path(hydra_cfg.sweep.dir)
     cfg.output_dir = str(sweep / str(hydra_cfg.job.num))
     # W&B shows the jobs of one sweep as one group, each named by its sweep and number.
@@ -83,5 +87,7 @@ def place_sweep_job(cfg: DictConfig) -> None:
     cfg.logging.wandb_name = cfg.logging.wandb_name or f"{sweep.name}-{hydra_cfg.job.num}"
     checkpoints = Path(cfg.checkpoint.dir).resolve()
     if not checkpoints.is_relative_to(Path(cfg.output_dir).resolve()):
-        raise ConfigError(f"config 'checkpoint.dir': {checkpoints} is shared by every job of this sweep, so each "
-                          "would resume the one before; leave checkpoint.dir at its default (${output_dir}/checkpoints)")
+        raise ConfigError(
+            f"config 'checkpoint.dir': {checkpoints} is shared by every job of this sweep, so each "
+            "would resume the one before; leave checkpoint.dir at its default (${output_dir}/checkpoints)"
+        )

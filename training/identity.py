@@ -20,12 +20,36 @@ if TYPE_CHECKING:
     from training.config import RunConfig
     from training.distributed import DistributedContext
 
-MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings", "type_vocab_size", "use_te_layers")
-OPTIMIZATION = ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "warmup_steps", "lr_schedule",
-                "min_lr_ratio", "grad_clip")
-DISTILLATION = ("temperature", *(f"{term}_weight" for term in DistillConfig.LOSS_TERMS), "layer_map",
-                "relation_heads", "relation_student_layer", "relation_teacher_layer", "student_init")
+MODEL_SHAPE = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "use_te_layers",
+)
+OPTIMIZATION = (
+    "lr",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "warmup_steps",
+    "lr_schedule",
+    "min_lr_ratio",
+    "grad_clip",
+)
+DISTILLATION = (
+    "temperature",
+    *(f"{term}_weight" for term in DistillConfig.LOSS_TERMS),
+    "layer_map",
+    "relation_heads",
+    "relation_student_layer",
+    "relation_teacher_layer",
+    "student_init",
+)
 
 
 def _sha256(data: bytes) -> str:
@@ -54,13 +78,21 @@ def run_identity(run: RunConfig, model_config: BertTEConfig, data: DataBundle, t
 
 def resumable_settings(run: RunConfig, ctx: DistributedContext) -> dict:
     """Settings a resume may change (more steps, cadences, world size, strategy); changes are logged."""
-    return {"training.num_train_steps": run.training.num_train_steps, "training.strategy": run.training.strategy,
-            "eval.every_steps": run.eval.every_steps, "logging.log_every": run.logging.log_every,
-            "checkpoint.every_steps": run.checkpoint.every_steps, "world_size": ctx.world_size}
+    return {
+        "training.num_train_steps": run.training.num_train_steps,
+        "training.strategy": run.training.strategy,
+        "eval.every_steps": run.eval.every_steps,
+        "logging.log_every": run.logging.log_every,
+        "checkpoint.every_steps": run.checkpoint.every_steps,
+        "world_size": ctx.world_size,
+    }
 
 
-def identity_meta(run: RunConfig, ctx: DistributedContext, model_config: BertTEConfig, data: DataBundle,
-                  task_meta: dict) -> dict:
+def identity_meta(
+    run: RunConfig, ctx: DistributedContext, model_config: BertTEConfig, data: DataBundle, task_meta: dict
+) -> dict:
     """The two manifest entries a Checkpointer records and compares on resume."""
-    return {IDENTITY_KEY: run_identity(run, model_config, data, task_meta),
-            RESUMABLE_KEY: resumable_settings(run, ctx)}
+    return {
+        IDENTITY_KEY: run_identity(run, model_config, data, task_meta),
+        RESUMABLE_KEY: resumable_settings(run, ctx),
+    }

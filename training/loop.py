@@ -51,15 +51,21 @@ def _start_state(parts: LoopParts, cfg: RunConfig) -> TrainState:
     if cfg.checkpoint.resume:
         parts.checkpointer.resume(state)
     elif committed_checkpoints(parts.checkpointer.root)[0]:
-        raise FileExistsError(f"checkpoint.dir {parts.checkpointer.root} already holds checkpoints and "
-                              "checkpoint.resume=false; pick a new checkpoint.dir or resume")
+        raise FileExistsError(
+            f"checkpoint.dir {parts.checkpointer.root} already holds checkpoints and "
+            "checkpoint.resume=false; pick a new checkpoint.dir or resume"
+        )
     return state
 
 
 def _handle_nonfinite(metrics: dict, micro_batches: list[dict], step: int, cfg: RunConfig) -> None:
     if cfg.training.nonfinite == "skip":
-        log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped",
-                    step, metrics.get("loss"), metrics["grad_norm"])
+        log.warning(
+            "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped",
+            step,
+            metrics.get("loss"),
+            metrics["grad_norm"],
+        )
         return
     cells = [int(i) for b in micro_batches if "cell_index" in b for i in b["cell_index"]]
     raise NonFiniteLossError(
@@ -80,9 +86,16 @@ def run_loop(parts: LoopParts, cfg: RunConfig) -> LoopResult:
     with PreemptionWatcher() as watcher:
         while state.step < tcfg.num_train_steps and not preempted:
             micro_batches = [next(batches) for _ in range(tcfg.grad_accum_steps)]
-            metrics = train_step(parts.model, parts.loss_fn, parts.optimizer, micro_batches,
-                                 device=parts.ctx.device, world_size=parts.ctx.world_size,
-                                 grad_clip=tcfg.grad_clip, autocast=parts.autocast)
+            metrics = train_step(
+                parts.model,
+                parts.loss_fn,
+                parts.optimizer,
+                micro_batches,
+                device=parts.ctx.device,
+                world_size=parts.ctx.world_size,
+                grad_clip=tcfg.grad_clip,
+                autocast=parts.autocast,
+            )
             if metrics.pop("finite"):
                 parts.optimizer.step()
             else:
@@ -94,19 +107,28 @@ def run_loop(parts: LoopParts, cfg: RunConfig) -> LoopResult:
             meter.add(micro_batches)
             _log_and_evaluate(parts, cfg, state.step, metrics, meter, skipped)
             preempted = watcher.stop_requested() or (
-                tcfg.stop_after_steps is not None and state.step - first_step >= tcfg.stop_after_steps)
-            if preempted or state.step % cfg.checkpoint.every_steps == 0 or state.step == tcfg.num_train_steps:
+                tcfg.stop_after_steps is not None and state.step - first_step >= tcfg.stop_after_steps
+            )
+            if (
+                preempted
+                or state.step % cfg.checkpoint.every_steps == 0
+                or state.step == tcfg.num_train_steps
+            ):
                 parts.checkpointer.save(state)
     parts.checkpointer.wait()
     if preempted:
-        log.warning("stopped at step %d after checkpointing (preemption signal or stop_after_steps); relaunch to "
-                    "continue", state.step)
+        log.warning(
+            "stopped at step %d after checkpointing (preemption signal or stop_after_steps); relaunch to "
+            "continue",
+            state.step,
+        )
         report_committed_stop(state.step)
     return LoopResult(step=state.step, preempted=preempted, skipped_steps=skipped)
 
 
-def _log_and_evaluate(parts: LoopParts, cfg: RunConfig, step: int, metrics: dict, meter: ThroughputMeter,
-                      skipped: int) -> None:
+def _log_and_evaluate(
+    parts: LoopParts, cfg: RunConfig, step: int, metrics: dict, meter: ThroughputMeter, skipped: int
+) -> None:
     last = step == cfg.training.num_train_steps
     if step % cfg.logging.log_every == 0 or last:
         metrics.update(meter.report(parts.flops_per_token), skipped_steps=skipped)

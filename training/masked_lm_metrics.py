@@ -30,7 +30,9 @@ def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Te
     log_probs = logits.log_softmax(-1)
     zero = logits.new_zeros(())
     sums = [
-        logits.new_full((), float(labels.numel())),  # filled on the device: a host scalar would be a blocking copy
+        logits.new_full(
+            (), float(labels.numel())
+        ),  # filled on the device: a host scalar would be a blocking copy
         F.nll_loss(log_probs, labels, reduction="sum"),
         (top5[:, 0] == labels).sum(),
         (top5 == labels[:, None]).any(-1).sum(),
@@ -45,7 +47,9 @@ def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Te
 
 
 @torch.no_grad()
-def masked_lm_metrics(models: dict[str, nn.Module], batches: Iterable[dict], device: torch.device) -> dict[str, dict]:
+def masked_lm_metrics(
+    models: dict[str, nn.Module], batches: Iterable[dict], device: torch.device
+) -> dict[str, dict]:
     """Accuracy, top-5 accuracy, token-weighted perplexity, and KL / agreement to the first model."""
     names = list(models)
     was_training = {name: m.training for name, m in models.items()}
@@ -64,7 +68,9 @@ def masked_lm_metrics(models: dict[str, nn.Module], batches: Iterable[dict], dev
     finally:
         for name, model in models.items():
             model.train(was_training[name])
-    return {name: _summarize(all_reduce_sum(totals[name].cpu()), with_ref=i > 0) for i, name in enumerate(names)}
+    return {
+        name: _summarize(all_reduce_sum(totals[name].cpu()), with_ref=i > 0) for i, name in enumerate(names)
+    }
 
 
 def _summarize(sums: torch.Tensor, with_ref: bool) -> dict[str, float]:

@@ -17,8 +17,17 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, cfg: LoggingConfig, *, is_main: bool, total_steps: int,
-                 run_config: dict, name: str = "metrics", wandb_id: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        cfg: LoggingConfig,
+        *,
+        is_main: bool,
+        total_steps: int,
+        run_config: dict,
+        name: str = "metrics",
+        wandb_id: str | None = None,
+    ) -> None:
         self.is_main = is_main
         self.path = Path(output_dir) / f"{name}.jsonl"
         self._file = None
@@ -52,10 +61,14 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+            self._wandb.log(
+                {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step
+            )
         if self._bar is not None and kind == "train":
             self._bar.n = step
-            self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr") if k in metrics}, refresh=True)
+            self._bar.set_postfix(
+                {k: f"{metrics[k]:.4g}" for k in ("loss", "lr") if k in metrics}, refresh=True
+            )
         elif kind != "train":
             log.info("step %d %s: %s", step, kind, _short(metrics))
 
@@ -75,9 +88,18 @@ def _short(metrics: dict) -> str:
 def _start_wandb(cfg: LoggingConfig, output_dir: Path, run_config: dict, run_id: str | None):
     import wandb  # installed: the config check refuses logging.wandb=true without it
 
-    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name or output_dir.name,
-                      group=cfg.wandb_group, tags=list(cfg.wandb_tags) or None, id=run_id, resume="allow",
-                      mode=os.environ.get("WANDB_MODE", cfg.wandb_mode), dir=str(output_dir), config=run_config)
+    return wandb.init(
+        project=cfg.wandb_project,
+        entity=cfg.wandb_entity,
+        name=cfg.wandb_name or output_dir.name,
+        group=cfg.wandb_group,
+        tags=list(cfg.wandb_tags) or None,
+        id=run_id,
+        resume="allow",
+        mode=os.environ.get("WANDB_MODE", cfg.wandb_mode),
+        dir=str(output_dir),
+        config=run_config,
+    )
 
 
 def job_wandb(run: RunConfig) -> LoggingConfig:

@@ -39,8 +39,10 @@ def compile_layers(layers: Sequence[nn.Module]) -> None:
 def check_cuda_graphs(device: torch.device) -> None:
     """Refuse graph capture where there is no CUDA device to capture on (the config cannot know an 'auto' device)."""
     if device.type != "cuda":
-        raise ValueError(f"training.cuda_graphs=true captures CUDA graphs, but this run is on {device.type}; "
-                         "set training.cuda_graphs=false (static shapes gain nothing without a GPU)")
+        raise ValueError(
+            f"training.cuda_graphs=true captures CUDA graphs, but this run is on {device.type}; "
+            "set training.cuda_graphs=false (static shapes gain nothing without a GPU)"
+        )
 
 
 def capture_cuda_graphs(module: nn.Module) -> None:

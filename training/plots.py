@@ -43,14 +43,28 @@ def _panels(runs: dict[str, list[dict]]) -> list[_Panel]:
     for name, records in runs.items():
         objective = _objective(records)
         train_by.setdefault(objective, []).append(name)
-        eval_by.setdefault("classification" if objective == "classification" else "masked-LM", []).append(name)
-    panels = [_Panel(f"train loss ({objective})", "train", "loss", tuple(names)) for objective, names in train_by.items()]
+        eval_by.setdefault("classification" if objective == "classification" else "masked-LM", []).append(
+            name
+        )
+    panels = [
+        _Panel(f"train loss ({objective})", "train", "loss", tuple(names))
+        for objective, names in train_by.items()
+    ]
     for scored, names in eval_by.items():
-        panels += [_Panel(f"held-out loss ({scored})", "eval", "loss", tuple(names), reference="teacher_loss"),
-                   _Panel(f"held-out accuracy ({scored})", "eval", "accuracy", tuple(names),
-                          reference="teacher_accuracy")]
+        panels += [
+            _Panel(f"held-out loss ({scored})", "eval", "loss", tuple(names), reference="teacher_loss"),
+            _Panel(
+                f"held-out accuracy ({scored})",
+                "eval",
+                "accuracy",
+                tuple(names),
+                reference="teacher_accuracy",
+            ),
+        ]
     if "classification" in eval_by:
-        panels.append(_Panel("held-out macro-F1 (classification)", "eval", "macro_f1", tuple(eval_by["classification"])))
+        panels.append(
+            _Panel("held-out macro-F1 (classification)", "eval", "macro_f1", tuple(eval_by["classification"]))
+        )
     panels.append(_Panel("learning rate", "train", "lr", tuple(runs)))
     return [p for p in panels if any(_points(runs[name], p.kind, p.key) for name in p.runs)]
 
@@ -63,8 +77,16 @@ def _draw(ax: Axes, points: list[tuple[int, float]], label: str, color, *, dashe
     steps, values = zip(*points, strict=True)
     # A single point is invisible as a line: every short curve shows its points.
     marker = "o" if len(points) <= _MANY_POINTS else None
-    ax.plot(steps, values, label=label, color=color, marker=marker, markersize=3.5 if len(points) > 1 else 6,
-            linestyle="--" if dashed else "-", alpha=0.8 if dashed else 1.0)
+    ax.plot(
+        steps,
+        values,
+        label=label,
+        color=color,
+        marker=marker,
+        markersize=3.5 if len(points) > 1 else 6,
+        linestyle="--" if dashed else "-",
+        alpha=0.8 if dashed else 1.0,
+    )
 
 
 def plot_training_curves(metrics_files: dict[str, Path], out_png: str | Path) -> Path:

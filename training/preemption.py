@@ -43,7 +43,9 @@ class PreemptionWatcher:
 
     def _handle(self, signum: int, _frame) -> None:
         self._received = signum
-        log.warning("received %s: will checkpoint at the end of this step and exit", signal.Signals(signum).name)
+        log.warning(
+            "received %s: will checkpoint at the end of this step and exit", signal.Signals(signum).name
+        )
 
     def stop_requested(self) -> bool:
         """True on every rank once any rank got a preemption signal (a collective call)."""

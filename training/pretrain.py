@@ -34,8 +34,15 @@ def pretraining_task(run: RunConfig) -> Task:
     def evaluate(wrapped: nn.Module, batches: list[dict]) -> dict[str, float]:
         return masked_lm_metrics({"model": unwrap(wrapped)}, batches, _device_of(wrapped))["model"]
 
-    return Task(trainable=model, layers=list(model.bert.encoder.layer), loss_fn=masked_lm_loss,
-                evaluate=evaluate, export_config=config, meta={"task": "masked_lm"}, baselines=masked_lm_baselines)
+    return Task(
+        trainable=model,
+        layers=list(model.bert.encoder.layer),
+        loss_fn=masked_lm_loss,
+        evaluate=evaluate,
+        export_config=config,
+        meta={"task": "masked_lm"},
+        baselines=masked_lm_baselines,
+    )
 
 
 def pretrain(run: RunConfig, ctx: DistributedContext) -> tuple[LoopResult, Path | None]:
@@ -67,5 +74,8 @@ def print_last_eval(metrics_path: Path) -> None:
     if last is None:
         return
     model = {k: v for k, v in last.items() if k not in ("step", "kind") and not k.startswith(BASELINE_NAMES)}
-    print(f"\nheld-out masked-LM at step {last['step']} (same masked cells for the model and the baselines)\n"
-          + format_side_by_side({"model": model, **split_columns(last, BASELINE_NAMES)}), flush=True)
+    print(
+        f"\nheld-out masked-LM at step {last['step']} (same masked cells for the model and the baselines)\n"
+        + format_side_by_side({"model": model, **split_columns(last, BASELINE_NAMES)}),
+        flush=True,
+    )

@@ -33,7 +33,7 @@ class RunLogFile(logging.Handler):
                 self._write("".join(self._held))
                 self._held.clear()
             if self._file is None:
-                self._held = [*self._held[-_MAX_HELD + 1:], line]
+                self._held = [*self._held[-_MAX_HELD + 1 :], line]
             else:
                 self._write(line)
         except Exception:  # a full disk must not stop training; logging reports it once on stderr

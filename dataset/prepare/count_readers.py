@@ -20,7 +20,9 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 CountChunk = tuple[sp.csr_matrix, dict[str, np.ndarray]]
-CELL_ID = "cell_id"  # every chunk's obs holds the cells' row names under this key (.h5ad obs index, loom CellID)
+CELL_ID = (
+    "cell_id"  # every chunk's obs holds the cells' row names under this key (.h5ad obs index, loom CellID)
+)
 LOOM_CELL_IDS = ("CellID", "obs_names", "cell_id")  # loom column attributes that name cells, by convention
 
 
@@ -80,7 +82,9 @@ class _H5adSource(CountSource):
         element = self._matrix_element()
         encoding = element.attrs.get("encoding-type", "array") if isinstance(element, h5py.Group) else "array"
         if encoding == "csc_matrix":
-            logger.warning("%s: %s is stored column-major (CSC); reading rows from it is slow", self.path, self.matrix)
+            logger.warning(
+                "%s: %s is stored column-major (CSC); reading rows from it is slow", self.path, self.matrix
+            )
             csc = sparse_dataset(element)
         for start in range(0, self.n_cells, chunk_size):
             stop = min(start + chunk_size, self.n_cells)
@@ -88,7 +92,9 @@ class _H5adSource(CountSource):
                 indptr = element["indptr"][start : stop + 1].astype(np.int64)
                 lo, hi = int(indptr[0]), int(indptr[-1])
                 indptr -= lo
-                if hi - lo < 1 << 31:  # int32 like the indices: SciPy then takes them as they are, without a scan
+                if (
+                    hi - lo < 1 << 31
+                ):  # int32 like the indices: SciPy then takes them as they are, without a scan
                     indptr = indptr.astype(np.int32)
                 matrix = sp.csr_matrix(
                     (element["data"][lo:hi], element["indices"][lo:hi], indptr),
@@ -125,7 +131,9 @@ def _open_h5ad(path: Path, layer: str | None, gene_column: str | None) -> CountS
     if column not in var:
         available = [k for k in var if k != "__categories"]
         handle.close()
-        raise ValueError(f"{path}: {var_group} has no column '{column}'; available: {available}. Fix --gene-column.")
+        raise ValueError(
+            f"{path}: {var_group} has no column '{column}'; available: {available}. Fix --gene-column."
+        )
     genes = [str(g) for g in np.asarray(read_elem(var[column]))]
     obs = handle["obs"]
     obs_available = [k for k in obs if k != "__categories" and k != obs.attrs.get("_index", "_index")]
@@ -216,7 +224,9 @@ def _open_table(path: Path, layer: str | None, gene_column: str | None) -> Count
     if layer not in (None, "X"):
         raise ValueError(f"{path}: --layer {layer} applies to .h5ad/.loom only; a CSV/TSV holds one matrix")
     if gene_column is not None:
-        raise ValueError(f"{path}: --gene-column applies to .h5ad/.loom; a CSV/TSV's genes are its header row")
+        raise ValueError(
+            f"{path}: --gene-column applies to .h5ad/.loom; a CSV/TSV's genes are its header row"
+        )
     name = path.name.lower().removesuffix(".gz")
     index_name, genes = _table_header(path, "," if name.endswith(".csv") else "\t")
     return _TableSource(
@@ -238,7 +248,9 @@ def _table_header(path: Path, sep: str) -> tuple[str, list[str]]:
     with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:  # a BOM is not part of a name
         header = next(csv.reader(handle, delimiter=sep), None)
     if not header or len(header) < 2:
-        raise ValueError(f"{path}: the first line must be a header: a cell id column, then one column per gene")
+        raise ValueError(
+            f"{path}: the first line must be a header: a cell id column, then one column per gene"
+        )
     return header[0].strip(), [g.strip() for g in header[1:]]
 
 
@@ -258,7 +270,9 @@ def open_counts(path: str | Path, *, layer: str | None = None, gene_column: str 
         if name.endswith(".loom"):
             return _open_loom(path, layer, gene_column)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read as HDF5 ({error}); is the file complete and really {path.suffix}?") from error
+        raise ValueError(
+            f"{path}: cannot read as HDF5 ({error}); is the file complete and really {path.suffix}?"
+        ) from error
     if name.endswith((".csv", ".tsv", ".txt")):
         return _open_table(path, layer, gene_column)
     raise ValueError(f"{path}: unknown input format; expected .h5ad, .loom, .csv, .tsv (optionally .gz)")

@@ -48,7 +48,9 @@ def _read_two_column_table(path: Path, what: str) -> list[tuple[str, str]]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) < 2:
-            raise ValueError(f"{path}, line {line_no}: {what} table needs two columns (key, value); got {row!r}")
+            raise ValueError(
+                f"{path}, line {line_no}: {what} table needs two columns (key, value); got {row!r}"
+            )
         rows.append((row[0].strip(), row[1].strip()))
     if not rows:
         raise ValueError(f"{path}: {what} table is empty")
@@ -58,7 +60,9 @@ def _read_two_column_table(path: Path, what: str) -> list[tuple[str, str]]:
 def _load_mapping(path: str | Path, what: str) -> tuple[Path, dict | list[tuple[str, str]]]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist; pass a Geneformer .pkl or a two-column TSV")
+        raise FileNotFoundError(
+            f"{what} file {path} does not exist; pass a Geneformer .pkl or a two-column TSV"
+        )
     if path.suffix == ".pkl":
         table = load_restricted_pickle(path)
         if not isinstance(table, dict):
@@ -111,7 +115,9 @@ def load_symbol_table(path: str | Path) -> dict[str, str]:
     first_is_id = sum(looks_like_ensembl(a) for a, _ in rows[:1000])
     second_is_id = sum(looks_like_ensembl(b) for _, b in rows[:1000])
     if max(first_is_id, second_is_id) == 0:
-        raise ValueError(f"{path}: neither column holds Ensembl ids (ENSG...); a gene name table maps symbols to ids")
+        raise ValueError(
+            f"{path}: neither column holds Ensembl ids (ENSG...); a gene name table maps symbols to ids"
+        )
     if first_is_id > second_is_id:
         rows = [(b, a) for a, b in rows]
     mapping: dict[str, str] = {}
@@ -123,7 +129,9 @@ def load_symbol_table(path: str | Path) -> dict[str, str]:
         previous = mapping.setdefault(symbol, gene_id)
         ambiguous += previous != gene_id
     if ambiguous:
-        logger.info("%s: %d symbols listed with more than one Ensembl id; the first listed is used", path, ambiguous)
+        logger.info(
+            "%s: %d symbols listed with more than one Ensembl id; the first listed is used", path, ambiguous
+        )
     return mapping
 
 
@@ -139,8 +147,10 @@ def load_gene_mapping(path: str | Path, keep: set[str] | None = None) -> dict[st
         if looks_like_ensembl(target) and (keep is None or target in keep):
             mapping[strip_ensembl_version(str(key).strip()).upper()] = target
     if not mapping:
-        raise ValueError(f"{path}: no entry maps to an Ensembl id{' of the vocabulary' if keep else ''}; a gene "
-                         "mapping is `id or symbol -> Ensembl id` (e.g. Geneformer's ensembl_mapping_dict_gc104M.pkl)")
+        raise ValueError(
+            f"{path}: no entry maps to an Ensembl id{' of the vocabulary' if keep else ''}; a gene "
+            "mapping is `id or symbol -> Ensembl id` (e.g. Geneformer's ensembl_mapping_dict_gc104M.pkl)"
+        )
     return mapping
 
 

@@ -49,16 +49,20 @@ def aggregate_to_vocabulary(counts: sp.csr_matrix, column_map: GeneColumnMap) ->
     indptr = counts.indptr.astype(np.int32) if counts.nnz < 1 << 31 else counts.indptr
     keep = None if column_map.all_mapped and counts.data.all() else (target >= 0) & (counts.data != 0)
     if (keep is None or keep.all()) and not column_map.has_duplicates:  # one gene per entry: no copy needed
-        out = sp.csr_matrix((counts.data.astype(np.float64, copy=False), target, indptr),
-                            shape=(counts.shape[0], column_map.n_slots))
+        out = sp.csr_matrix(
+            (counts.data.astype(np.float64, copy=False), target, indptr),
+            shape=(counts.shape[0], column_map.n_slots),
+        )
         out.has_sorted_indices = False
         return out
     if keep is None:
         keep = np.ones(counts.nnz, dtype=bool)
     kept_before = np.zeros(len(keep) + 1, dtype=indptr.dtype)
     np.cumsum(keep, out=kept_before[1:])
-    out = sp.csr_matrix((counts.data[keep].astype(np.float64, copy=False), target[keep], kept_before[indptr]),
-                        shape=(counts.shape[0], column_map.n_slots))
+    out = sp.csr_matrix(
+        (counts.data[keep].astype(np.float64, copy=False), target[keep], kept_before[indptr]),
+        shape=(counts.shape[0], column_map.n_slots),
+    )
     out.has_sorted_indices = False
     if column_map.has_duplicates:
         out.sum_duplicates()  # sorts each row's indices and adds up columns of the same gene
@@ -121,7 +125,9 @@ def encode_chunk(
     for i in exact_rows:
         start, stop = indptr[i], indptr[i + 1]
         row_totals = np.full(stop - start, totals[i], dtype=np.float64)  # `values` may now hold sort keys
-        row_values = _normalize(aggregated.data[start:stop], row_totals, column_map.medians.take(slots[start:stop]))
+        row_values = _normalize(
+            aggregated.data[start:stop], row_totals, column_map.medians.take(slots[start:stop])
+        )
         tokens = token_ids.take(slots[start:stop])
         order = np.lexsort((tokens, -row_values))[:max_genes]
         out[begins[i] : begins[i] + kept[i]] = tokens[order]
@@ -161,7 +167,9 @@ def _rank_by_keys(
     bounds, starts, lengths = indptr.tolist(), begins.tolist(), kept.tolist()
     for i, begin in enumerate(starts):
         row, n = keys[bounds[i] : bounds[i + 1]], lengths[i]
-        if len(row) > n:  # only the top n need sorting: put the (n+1)-th key in place, the n smaller before it
+        if (
+            len(row) > n
+        ):  # only the top n need sorting: put the (n+1)-th key in place, the n smaller before it
             row.partition(n)
             first_dropped[i] = row[n]
             row = row[:n]

@@ -59,8 +59,10 @@ def genes_per_cell(layout: str, max_length: int | None = None) -> int:
     if max_length is None:
         return LAYOUTS[layout]
     if max_length < specials + 1:
-        raise ValueError(f"--max-length {max_length} leaves no gene per cell; use the model's input size "
-                         "(max_position_embeddings, e.g. 2048 for V1, 4096 for V2)")
+        raise ValueError(
+            f"--max-length {max_length} leaves no gene per cell; use the model's input size "
+            "(max_position_embeddings, e.g. 2048 for V1, 4096 for V2)"
+        )
     return max_length - specials
 
 
@@ -109,16 +111,24 @@ def _passing_chunks(
     """Chunks of cells that pass the filters: (counts per vocabulary slot, cell totals over all genes, obs)."""
     first_row = 0
     for matrix, obs in item.source.iter_chunks(settings["chunk_size"], obs_columns):
-        checked = check_counts(matrix, f"{item.source.path}: {item.source.matrix}", first_row,
-                               allow_non_integer=settings["allow_non_integer"])
+        checked = check_counts(
+            matrix,
+            f"{item.source.path}: {item.source.matrix}",
+            first_row,
+            allow_non_integer=settings["allow_non_integer"],
+        )
         matrix.data = matrix.data.astype(np.float64, copy=False)  # once, for exact sums and Geneformer's math
-        obs = obs | {INPUT_ROW: np.arange(first_row, first_row + matrix.shape[0])}  # filters keep them aligned
+        obs = obs | {
+            INPUT_ROW: np.arange(first_row, first_row + matrix.shape[0])
+        }  # filters keep them aligned
         first_row += matrix.shape[0]
         totals = _row_sums(matrix)
         n_expressed = _row_nonzeros(matrix) if settings["min_genes"] > 0 else None
         aggregated = aggregate_to_vocabulary(matrix, column_map)
         enough_counts = totals >= settings["min_counts"]
-        enough_genes = n_expressed >= settings["min_genes"] if n_expressed is not None else np.ones_like(enough_counts)
+        enough_genes = (
+            n_expressed >= settings["min_genes"] if n_expressed is not None else np.ones_like(enough_counts)
+        )
         has_vocab_gene = np.diff(aggregated.indptr) > 0
         keep = enough_counts & enough_genes & has_vocab_gene
         if stats is not None:
@@ -130,7 +140,11 @@ def _passing_chunks(
             stats.filtered_min_genes += int((enough_counts & ~enough_genes).sum())
             stats.no_vocabulary_genes += int((enough_counts & enough_genes & ~has_vocab_gene).sum())
             stats.counts_total += float(totals[keep].sum())
-            in_kept = aggregated.data if keep.all() else aggregated.data[np.repeat(keep, np.diff(aggregated.indptr))]
+            in_kept = (
+                aggregated.data
+                if keep.all()
+                else aggregated.data[np.repeat(keep, np.diff(aggregated.indptr))]
+            )
             stats.counts_in_vocabulary += float(in_kept.sum())
         if keep.all():
             yield aggregated, totals, obs
@@ -164,7 +178,9 @@ def _compute_medians(
     medians = accumulator.result()
     seen = {g: float(m) for g, m in zip(union, medians, strict=True) if np.isfinite(m)}
     if not seen:
-        raise ValueError(f"{inputs[0].source.path}: no cell passing the filters has a count in a vocabulary gene")
+        raise ValueError(
+            f"{inputs[0].source.path}: no cell passing the filters has a count in a vocabulary gene"
+        )
     if built_here:
         # Only genes with a count in some kept cell enter a vocabulary built from the input.
         vocab = vocabulary_from_genes(list(seen), layout=layout)
@@ -199,7 +215,9 @@ def _shard_writer(tmp_dir: Path, index: int, schema: pa.Schema) -> tuple[str, pq
 
 def _obs_array(values: np.ndarray) -> pa.Array:
     if values.dtype.kind in ("O", "U", "S"):
-        return pa.array([None if pd.isna(v) else str(v) for v in values], type=pa.string())  # missing stays null
+        return pa.array(
+            [None if pd.isna(v) else str(v) for v in values], type=pa.string()
+        )  # missing stays null
     return pa.array(values)
 
 
@@ -235,22 +253,35 @@ def tokenize_counts(
     out_dir = Path(out_dir)
     layout = layout.lower()
     if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
+        raise ValueError(
+            f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)"
+        )
     max_genes = genes_per_cell(layout, max_length)
     obs_columns = list(obs_columns)
-    _check_options(out_dir, obs_columns, vocab, medians, compute_medians, chunk_size, cells_per_shard, overwrite)
-    settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
-                "allow_non_integer": allow_non_integer, "max_genes": max_genes}
+    _check_options(
+        out_dir, obs_columns, vocab, medians, compute_medians, chunk_size, cells_per_shard, overwrite
+    )
+    settings = {
+        "chunk_size": chunk_size,
+        "min_counts": min_counts,
+        "min_genes": min_genes,
+        "allow_non_integer": allow_non_integer,
+        "max_genes": max_genes,
+    }
 
     symbols = load_symbol_table(gene_names) if gene_names is not None else None
     vocabulary = _open_vocabulary(vocab, layout) if vocab is not None else None
 
     if layout == "v2" and gene_mapping is None:
-        logger.warning("layout v2 without --gene-mapping: genes listed under an alternate Ensembl id are lost; "
-                       "Geneformer V2 maps ids through ensembl_mapping_dict_gc104M.pkl (pass it as --gene-mapping)")
+        logger.warning(
+            "layout v2 without --gene-mapping: genes listed under an alternate Ensembl id are lost; "
+            "Geneformer V2 maps ids through ensembl_mapping_dict_gc104M.pkl (pass it as --gene-mapping)"
+        )
     mapping = None
     if gene_mapping is not None:
-        mapping = load_gene_mapping(gene_mapping, keep=set(vocabulary.tokens) if vocabulary is not None else None)
+        mapping = load_gene_mapping(
+            gene_mapping, keep=set(vocabulary.tokens) if vocabulary is not None else None
+        )
     items = _open_inputs(paths, layer, gene_column, symbols, mapping, obs_columns)
     try:
         if compute_medians:
@@ -259,26 +290,52 @@ def tokenize_counts(
             computed, median_table = None, load_medians(medians)
         for item in items:
             _map_columns(item, vocabulary, median_table)
-        manifest = _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard,
-                                 overwrite, computed,
-                                 describe={"vocab": vocab, "medians": medians, "gene_names": gene_names,
-                                           "gene_mapping": gene_mapping, "compute_medians": compute_medians,
-                                           "started": started})
+        manifest = _write_corpus(
+            items,
+            out_dir,
+            vocabulary,
+            layout,
+            obs_columns,
+            settings,
+            cells_per_shard,
+            overwrite,
+            computed,
+            describe={
+                "vocab": vocab,
+                "medians": medians,
+                "gene_names": gene_names,
+                "gene_mapping": gene_mapping,
+                "compute_medians": compute_medians,
+                "started": started,
+            },
+        )
     finally:
         for item in items:
             item.source.close()
     return manifest
 
 
-def _check_options(out_dir: Path, obs_columns: list[str], vocab, medians, compute_medians: bool, chunk_size: int,
-                   cells_per_shard: int, overwrite: bool) -> None:
+def _check_options(
+    out_dir: Path,
+    obs_columns: list[str],
+    vocab,
+    medians,
+    compute_medians: bool,
+    chunk_size: int,
+    cells_per_shard: int,
+    overwrite: bool,
+) -> None:
     """Refuse contradictory or missing options before any input is opened."""
     clash = [c for c in obs_columns if c in RESERVED_COLUMNS]
     if clash:
-        raise ValueError(f"--obs-columns {clash}: these names are written for every cell (tokens, length, and "
-                         f"{CELL_ID} = the row names); rename those columns in the input")
+        raise ValueError(
+            f"--obs-columns {clash}: these names are written for every cell (tokens, length, and "
+            f"{CELL_ID} = the row names); rename those columns in the input"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output {out_dir} exists and is not empty; choose another --out or pass --overwrite")
+        raise ValueError(
+            f"output {out_dir} exists and is not empty; choose another --out or pass --overwrite"
+        )
     if medians is not None and compute_medians:
         raise ValueError("pass either --medians (a table) or --compute-medians (from the input), not both")
     if medians is None and not compute_medians:
@@ -287,8 +344,10 @@ def _check_options(out_dir: Path, obs_columns: list[str], vocab, medians, comput
             "gene_median_dictionary pickles) or --compute-medians to derive them from the input"
         )
     if vocab is None and not compute_medians:
-        raise ValueError("--medians needs --vocab (the token dictionary the medians belong to), "
-                         "or use --compute-medians to build both from the input")
+        raise ValueError(
+            "--medians needs --vocab (the token dictionary the medians belong to), "
+            "or use --compute-medians to build both from the input"
+        )
     if chunk_size < 1 or cells_per_shard < 1:
         raise ValueError("--chunk-size and --cells-per-shard must be >= 1")
 
@@ -297,16 +356,24 @@ def _open_vocabulary(vocab: str | os.PathLike, layout: str) -> Vocabulary:
     """The vocabulary file, refused when it lacks the special tokens the layout writes."""
     vocabulary = load_vocabulary(vocab)
     if layout == "v2" and (vocabulary.cls_id is None or vocabulary.eos_id is None):
-        raise ValueError(f"{vocab}: layout v2 needs {CLS} and {EOS} tokens in the vocabulary (Geneformer V2 "
-                         "dictionaries have them); use --layout v1 with a V1 vocabulary")
+        raise ValueError(
+            f"{vocab}: layout v2 needs {CLS} and {EOS} tokens in the vocabulary (Geneformer V2 "
+            "dictionaries have them); use --layout v1 with a V1 vocabulary"
+        )
     if layout == "v1" and vocabulary.cls_id is not None:
-        logger.warning("%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
-                       vocab, CLS, EOS)
+        logger.warning(
+            "%s has %s/%s tokens but layout is v1 (no special tokens); V2 models expect --layout v2",
+            vocab,
+            CLS,
+            EOS,
+        )
     return vocabulary
 
 
 def _map_columns(item: _Input, vocabulary: Vocabulary, median_table: dict[str, float]) -> None:
-    item.column_map = build_column_map(item.ensembl_ids, vocabulary, median_table, source=str(item.source.path))
+    item.column_map = build_column_map(
+        item.ensembl_ids, vocabulary, median_table, source=str(item.source.path)
+    )
     if item.column_map.n_slots == 0:
         src = item.source
         raise ValueError(
@@ -350,13 +417,18 @@ def _write_shards(items, tmp_dir, vocabulary, layout, obs_columns, settings, cel
     shards = _ShardedWriter(tmp_dir, cells_per_shard, stats.shards)
     try:
         for item in items:
-            for aggregated, totals, obs in _passing_chunks(item, item.column_map, settings, stats, obs_columns):
-                encoded = encode_chunk(aggregated, totals, item.column_map, max_genes=max_genes,
-                                       cls_id=cls_id, eos_id=eos_id)
+            for aggregated, totals, obs in _passing_chunks(
+                item, item.column_map, settings, stats, obs_columns
+            ):
+                encoded = encode_chunk(
+                    aggregated, totals, item.column_map, max_genes=max_genes, cls_id=cls_id, eos_id=eos_id
+                )
                 stats.kept += len(totals)
                 stats.truncated += int((encoded.n_genes > max_genes).sum())
                 columns = {
-                    "input_ids": pa.ListArray.from_arrays(pa.array(encoded.offsets), pa.array(encoded.tokens)),
+                    "input_ids": pa.ListArray.from_arrays(
+                        pa.array(encoded.offsets), pa.array(encoded.tokens)
+                    ),
                     "length": pa.array(encoded.lengths, type=pa.int64()),
                 } | {c: _obs_array(obs[c]) for c in (CELL_ID, *obs_columns)}
                 shards.write(pa.table(columns))
@@ -373,22 +445,45 @@ def _report(stats: _Stats, items, layout: str, max_genes: int) -> None:
             f"{stats.no_vocabulary_genes} without a vocabulary gene); lower the filters or check the input"
         )
     if stats.non_integer_cells:
-        logger.warning("%d cells hold non-integer counts (tokenized because --allow-non-integer)",
-                       stats.non_integer_cells)
+        logger.warning(
+            "%d cells hold non-integer counts (tokenized because --allow-non-integer)",
+            stats.non_integer_cells,
+        )
     if stats.no_vocabulary_genes:
-        logger.warning("%d cells have no vocabulary gene with a nonzero count and were left out "
-                       "(empty droplets?)", stats.no_vocabulary_genes)
+        logger.warning(
+            "%d cells have no vocabulary gene with a nonzero count and were left out (empty droplets?)",
+            stats.no_vocabulary_genes,
+        )
     if stats.rounded_values:
-        logger.info("%d counts in %d cells were within %g of an integer (float noise) and were rounded",
-                    stats.rounded_values, stats.rounded_cells, NEAR_INTEGER)
+        logger.info(
+            "%d counts in %d cells were within %g of an integer (float noise) and were rounded",
+            stats.rounded_values,
+            stats.rounded_cells,
+            NEAR_INTEGER,
+        )
     if stats.truncated:
-        logger.info("%d of %d cells had more than %d vocabulary genes and were truncated to their top %d%s",
-                    stats.truncated, stats.kept, max_genes, max_genes,
-                    " (between <cls> and <eos>)" if layout == "v2" else "")
+        logger.info(
+            "%d of %d cells had more than %d vocabulary genes and were truncated to their top %d%s",
+            stats.truncated,
+            stats.kept,
+            max_genes,
+            max_genes,
+            " (between <cls> and <eos>)" if layout == "v2" else "",
+        )
 
 
-def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cells_per_shard, overwrite,
-                  computed_medians, describe) -> dict:
+def _write_corpus(
+    items,
+    out_dir,
+    vocabulary,
+    layout,
+    obs_columns,
+    settings,
+    cells_per_shard,
+    overwrite,
+    computed_medians,
+    describe,
+) -> dict:
     """Shards, vocab.txt, medians and manifest.json in a sibling temporary folder, renamed into place when whole."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -401,7 +496,8 @@ def _write_corpus(items, out_dir, vocabulary, layout, obs_columns, settings, cel
         vocabulary.save(tmp_dir / "vocab.txt")
         if computed_medians is not None:
             (tmp_dir / "gene_medians.tsv").write_text(
-                "gene\tmedian\n" + "".join(f"{g}\t{m!r}\n" for g, m in sorted(computed_medians.items())))
+                "gene\tmedian\n" + "".join(f"{g}\t{m!r}\n" for g, m in sorted(computed_medians.items()))
+            )
         manifest = _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
@@ -423,43 +519,71 @@ def _manifest(items, vocabulary, layout, obs_columns, settings, stats, describe)
     genes = []
     for item in items:
         m = item.column_map
-        genes.append({
-            "input": str(item.source.path),
-            "columns": m.n_columns,
-            "mapped_to_ensembl": m.n_mapped_to_ensembl,
-            "columns_in_vocabulary": int((m.target >= 0).sum()),
-            "vocabulary_genes_present": m.n_slots,
-            "duplicate_columns_summed": int((m.target >= 0).sum()) - m.n_slots,
-            "renamed_by_gene_mapping": item.renamed_by_mapping,
-        })
+        genes.append(
+            {
+                "input": str(item.source.path),
+                "columns": m.n_columns,
+                "mapped_to_ensembl": m.n_mapped_to_ensembl,
+                "columns_in_vocabulary": int((m.target >= 0).sum()),
+                "vocabulary_genes_present": m.n_slots,
+                "duplicate_columns_summed": int((m.target >= 0).sum()) - m.n_slots,
+                "renamed_by_gene_mapping": item.renamed_by_mapping,
+            }
+        )
     return {
         "created_by": "python -m dataset.prepare.tokenize",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(describe["started"])),
         "seconds": round(time.time() - describe["started"], 3),
-        "inputs": [{"path": str(i.source.path.resolve()), "format": i.source.format, "matrix": i.source.matrix,
-                    "gene_identifiers": i.source.gene_column, "size_bytes": i.source.path.stat().st_size}
-                   for i in items],
-        "vocabulary": {"source": path_or_none(describe["vocab"]) or "built from genes seen in the input",
-                       "size": vocabulary.size, "file": "vocab.txt"},
-        "medians": {"source": "computed from the input (exact nonzero median per gene; file gene_medians.tsv)"
-                    if describe["compute_medians"] else path_or_none(describe["medians"])},
+        "inputs": [
+            {
+                "path": str(i.source.path.resolve()),
+                "format": i.source.format,
+                "matrix": i.source.matrix,
+                "gene_identifiers": i.source.gene_column,
+                "size_bytes": i.source.path.stat().st_size,
+            }
+            for i in items
+        ],
+        "vocabulary": {
+            "source": path_or_none(describe["vocab"]) or "built from genes seen in the input",
+            "size": vocabulary.size,
+            "file": "vocab.txt",
+        },
+        "medians": {
+            "source": "computed from the input (exact nonzero median per gene; file gene_medians.tsv)"
+            if describe["compute_medians"]
+            else path_or_none(describe["medians"])
+        },
         "gene_names": path_or_none(describe["gene_names"]),
         "gene_mapping": path_or_none(describe["gene_mapping"]),
         "layout": layout,
         "max_genes": settings["max_genes"],
         "max_tokens": settings["max_genes"] + (2 if layout == "v2" else 0),
         "tie_break": TIE_BREAK,
-        "filters": {"min_counts": settings["min_counts"], "min_genes": settings["min_genes"],
-                    "allow_non_integer": settings["allow_non_integer"]},
-        "cells": {"read": stats.cells_read, "kept": stats.kept, "filtered_min_counts": stats.filtered_min_counts,
-                  "filtered_min_genes": stats.filtered_min_genes, "no_vocabulary_genes": stats.no_vocabulary_genes,
-                  "truncated": stats.truncated, "non_integer": stats.non_integer_cells,
-                  "rounded_near_integer": stats.rounded_cells},
+        "filters": {
+            "min_counts": settings["min_counts"],
+            "min_genes": settings["min_genes"],
+            "allow_non_integer": settings["allow_non_integer"],
+        },
+        "cells": {
+            "read": stats.cells_read,
+            "kept": stats.kept,
+            "filtered_min_counts": stats.filtered_min_counts,
+            "filtered_min_genes": stats.filtered_min_genes,
+            "no_vocabulary_genes": stats.no_vocabulary_genes,
+            "truncated": stats.truncated,
+            "non_integer": stats.non_integer_cells,
+            "rounded_near_integer": stats.rounded_cells,
+        },
         "genes": genes,
-        "counts": {"total_in_kept_cells": stats.counts_total, "in_vocabulary": stats.counts_in_vocabulary,
-                   "rounded_near_integer": stats.rounded_values,
-                   "share_in_vocabulary": stats.counts_in_vocabulary / stats.counts_total
-                   if stats.counts_total else 0.0},
+        "counts": {
+            "total_in_kept_cells": stats.counts_total,
+            "in_vocabulary": stats.counts_in_vocabulary,
+            "rounded_near_integer": stats.rounded_values,
+            "share_in_vocabulary": stats.counts_in_vocabulary / stats.counts_total
+            if stats.counts_total
+            else 0.0,
+        },
         "obs_columns": [CELL_ID, *obs_columns],
         "shards": stats.shards,
     }
@@ -493,20 +617,37 @@ class _SkippedChunks:
 
 
 def encode_counts(
-    path: str | os.PathLike, *, vocab: Vocabulary, medians: str | os.PathLike,
-    gene_names: str | os.PathLike | None = None, gene_mapping: str | os.PathLike | None = None,
-    layout: str = "v1", max_length: int | None = None,
-    obs_columns: Sequence[str] = (), layer: str | None = None, gene_column: str | None = None,
-    min_counts: float = 0, min_genes: int = 0, allow_non_integer: bool = False, chunk_size: int = 1024,
+    path: str | os.PathLike,
+    *,
+    vocab: Vocabulary,
+    medians: str | os.PathLike,
+    gene_names: str | os.PathLike | None = None,
+    gene_mapping: str | os.PathLike | None = None,
+    layout: str = "v1",
+    max_length: int | None = None,
+    obs_columns: Sequence[str] = (),
+    layer: str | None = None,
+    gene_column: str | None = None,
+    min_counts: float = 0,
+    min_genes: int = 0,
+    allow_non_integer: bool = False,
+    chunk_size: int = 1024,
     skip_chunk: Callable[[int], bool] | None = None,
 ) -> Iterator[EncodedCounts]:
     """Every chunk of one count file (chunk k = rows [k * chunk_size, ...)) rank-value encoded in memory with the
     same filters and encoding as `tokenize_counts`; chunks `skip_chunk(k)` come back with no cells encoded.
     Options, gene names and the vocabulary are checked at the call, before the first chunk is read."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)")
-    settings = {"chunk_size": chunk_size, "min_counts": min_counts, "min_genes": min_genes,
-                "allow_non_integer": allow_non_integer, "max_genes": genes_per_cell(layout, max_length)}
+        raise ValueError(
+            f"layout {layout!r} unknown; use v1 (2,048 genes) or v2 (<cls> + 4,094 genes + <eos>)"
+        )
+    settings = {
+        "chunk_size": chunk_size,
+        "min_counts": min_counts,
+        "min_genes": min_genes,
+        "allow_non_integer": allow_non_integer,
+        "max_genes": genes_per_cell(layout, max_length),
+    }
     symbols = load_symbol_table(gene_names) if gene_names is not None else None
     mapping = load_gene_mapping(gene_mapping, keep=set(vocab.tokens)) if gene_mapping is not None else None
     median_table = load_medians(medians)
@@ -520,15 +661,22 @@ def encode_counts(
     return _encoded_chunks(item, vocab, layout, settings, obs_columns)
 
 
-def _encoded_chunks(item: _Input, vocab: Vocabulary, layout: str, settings: dict,
-                    obs_columns: Sequence[str]) -> Iterator[EncodedCounts]:
+def _encoded_chunks(
+    item: _Input, vocab: Vocabulary, layout: str, settings: dict, obs_columns: Sequence[str]
+) -> Iterator[EncodedCounts]:
     source = item.source
     try:
         cls_id, eos_id = (vocab.cls_id, vocab.eos_id) if layout == "v2" else (None, None)
         reported = 0
         for aggregated, totals, obs in _passing_chunks(item, item.column_map, settings, None, obs_columns):
-            encoded = encode_chunk(aggregated, totals, item.column_map, max_genes=settings["max_genes"],
-                                   cls_id=cls_id, eos_id=eos_id)
+            encoded = encode_chunk(
+                aggregated,
+                totals,
+                item.column_map,
+                max_genes=settings["max_genes"],
+                cls_id=cls_id,
+                eos_id=eos_id,
+            )
             while reported < len(source.sizes) - 1:  # earlier chunks in which no cell passed the filters
                 yield _chunk(source.sizes, reported, None, None)
                 reported += 1
@@ -553,45 +701,89 @@ def _chunk(sizes: list[int], k: int, encoded, obs) -> EncodedCounts:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dataset.prepare.tokenize",
-        description="Rank-value encode raw counts (.h5ad, .loom, cells x genes CSV/TSV) into parquet corpus shards.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5ad, .loom, .csv or .tsv (.gz ok) of raw counts")
+        description="Rank-value encode raw counts (.h5ad, .loom, cells x genes CSV/TSV) into parquet corpus shards.",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".h5ad, .loom, .csv or .tsv (.gz ok) of raw counts"
+    )
     parser.add_argument("--out", required=True, help="output directory (created atomically)")
     parser.add_argument("--vocab", help="vocab.txt, token_dictionary .pkl or token<TAB>id TSV")
     parser.add_argument("--medians", help="gene_median_dictionary .pkl or gene<TAB>median TSV")
-    parser.add_argument("--gene-names", help="symbol -> Ensembl id table (.pkl, or TSV/CSV) when genes are symbols")
-    parser.add_argument("--gene-mapping", help="id/symbol -> vocabulary Ensembl id (.pkl or TSV), e.g. Geneformer V2's "
-                                               "ensembl_mapping_dict_gc104M.pkl; duplicate targets are summed")
-    parser.add_argument("--gene-column", help="var column / loom row attribute with gene ids (default: var index; "
-                                              "loom: ensembl_id)")
+    parser.add_argument(
+        "--gene-names", help="symbol -> Ensembl id table (.pkl, or TSV/CSV) when genes are symbols"
+    )
+    parser.add_argument(
+        "--gene-mapping",
+        help="id/symbol -> vocabulary Ensembl id (.pkl or TSV), e.g. Geneformer V2's "
+        "ensembl_mapping_dict_gc104M.pkl; duplicate targets are summed",
+    )
+    parser.add_argument(
+        "--gene-column",
+        help="var column / loom row attribute with gene ids (default: var index; loom: ensembl_id)",
+    )
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="v1")
-    parser.add_argument("--max-length", type=int, help="tokens per cell, <cls>/<eos> included (default: 2048 for v1, "
-                                                       "4096 for v2); the model's max_position_embeddings")
-    parser.add_argument("--obs-columns", default="", help="comma-separated per-cell columns to keep (cell_type,donor)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens per cell, <cls>/<eos> included (default: 2048 for v1, "
+        "4096 for v2); the model's max_position_embeddings",
+    )
+    parser.add_argument(
+        "--obs-columns", default="", help="comma-separated per-cell columns to keep (cell_type,donor)"
+    )
     parser.add_argument("--layer", help="matrix to read: X (default), raw, or a layer name")
     parser.add_argument("--min-counts", type=float, default=0, help="drop cells with fewer total counts")
     parser.add_argument("--min-genes", type=int, default=0, help="drop cells with fewer expressed genes")
-    parser.add_argument("--allow-non-integer", action="store_true",
-                        help="warn instead of failing on non-integers (counts within 1e-6 of an integer are rounded)")
+    parser.add_argument(
+        "--allow-non-integer",
+        action="store_true",
+        help="warn instead of failing on non-integers (counts within 1e-6 of an integer are rounded)",
+    )
     parser.add_argument("--chunk-size", type=int, default=1024, help="cells per chunk (bounds memory)")
     parser.add_argument("--cells-per-shard", type=int, default=100_000)
-    parser.add_argument("--compute-medians", action="store_true",
-                        help="derive gene medians (and, without --vocab, the vocabulary) from the input")
+    parser.add_argument(
+        "--compute-medians",
+        action="store_true",
+        help="derive gene medians (and, without --vocab, the vocabulary) from the input",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         manifest = tokenize_counts(
-            args.inputs, args.out, vocab=args.vocab, medians=args.medians, gene_names=args.gene_names,
-            gene_mapping=args.gene_mapping, layout=args.layout, max_length=args.max_length,
-            obs_columns=[c for c in args.obs_columns.split(",") if c], layer=args.layer,
-            gene_column=args.gene_column, min_counts=args.min_counts, min_genes=args.min_genes,
-            allow_non_integer=args.allow_non_integer, chunk_size=args.chunk_size,
-            compute_medians=args.compute_medians, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
+            args.inputs,
+            args.out,
+            vocab=args.vocab,
+            medians=args.medians,
+            gene_names=args.gene_names,
+            gene_mapping=args.gene_mapping,
+            layout=args.layout,
+            max_length=args.max_length,
+            obs_columns=[c for c in args.obs_columns.split(",") if c],
+            layer=args.layer,
+            gene_column=args.gene_column,
+            min_counts=args.min_counts,
+            min_genes=args.min_genes,
+            allow_non_integer=args.allow_non_integer,
+            chunk_size=args.chunk_size,
+            compute_medians=args.compute_medians,
+            cells_per_shard=args.cells_per_shard,
+            overwrite=args.overwrite,
+        )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "cells": manifest["cells"], "genes": manifest["genes"],
-                      "counts": manifest["counts"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "cells": manifest["cells"],
+                "genes": manifest["genes"],
+                "counts": manifest["counts"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
