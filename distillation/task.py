@@ -106,7 +106,8 @@ class DistillationLoss:
         if cfg.relation_weight > 0:
             terms["relation"] = relation_kl_mean(s_out.qkv, t_qkv, self.relation_heads, mask) * n_masked
         weights = cfg.weights()
-        loss = sum(weights[name] * value for name, value in terms.items())
+        # A term weighted 0 is logged but left out of the sum, so no backward pass runs through it.
+        loss = sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.collectives import is_distributed
+from common.cpu_allocator import keep_freed_cpu_memory
 from common.errors import USER_ERRORS
 from training.config import RunConfig, parse_config
 from training.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -59,6 +60,8 @@ def run_entry(
         run = parse_config(cfg)
         attach_log_file(run.output_dir)
         ctx = init_distributed(run.training.device)
+        if ctx.device.type == "cpu":
+            keep_freed_cpu_memory()  # CPU steps otherwise page-fault their logits in anew every time
     except USER_ERRORS as error:
         logging.getLogger("config").error("%s", error)
         end_process(2)
