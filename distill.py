@@ -34,9 +34,9 @@ from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.hydra_main import recipe_main
 from training.masked_lm_metrics import format_side_by_side
-from training.metrics_log import job_wandb, last_eval_record, stage_wandb
+from training.metrics_log import job_wandb, last_eval_record
 from training.parallelize import capture_cuda_graphs, check_cuda_graphs, compile_layers, compute_dtype
-from training.pretrain import pretrain_first
+from training.pretrain import first_stage_run, pretrain_first
 from training.run import Task, run_training
 
 log = logging.getLogger("distill")
@@ -45,27 +45,12 @@ log = logging.getLogger("distill")
 def teacher_run_config(run: RunConfig) -> RunConfig:
     """The pretraining run that makes a teacher when none is given: same data and seed, own output dir."""
     cfg = run.distill
-    out = Path(run.output_dir) / "teacher"
-    training = dataclasses.replace(
-        run.training,
-        num_train_steps=cfg.teacher_steps,
-        lr=cfg.teacher_lr,
-        warmup_steps=max(1, cfg.teacher_steps // 10),
-    )
     # The teacher reads cells truncated as the student will see them.
     model = {
         **model_config_by_name(cfg.teacher_model),
         "max_position_embeddings": run.model["max_position_embeddings"],
     }
-    return dataclasses.replace(
-        run,
-        output_dir=str(out),
-        model=model,
-        training=training,
-        distill=None,
-        logging=stage_wandb(run, "teacher"),
-        checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")),
-    )
+    return first_stage_run(run, "teacher", cfg.teacher_steps, cfg.teacher_lr, model=model)
 
 
 def resolve_teacher(run: RunConfig, ctx: DistributedContext) -> Path:

@@ -23,8 +23,8 @@ from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.entry import run_entry
 from training.hydra_main import recipe_main
-from training.metrics_log import job_wandb, last_eval_record, stage_wandb
-from training.pretrain import pretrain_first
+from training.metrics_log import job_wandb, last_eval_record
+from training.pretrain import first_stage_run, pretrain_first
 from training.run import Task, run_training
 
 log = logging.getLogger("finetune")
@@ -33,21 +33,8 @@ log = logging.getLogger("finetune")
 def pretrain_run_config(run: RunConfig) -> RunConfig:
     """The masked-LM run that makes the model to fine-tune when none is given: same data, `model`, own output dir."""
     cfg = run.finetune
-    out = Path(run.output_dir) / "pretrained"
-    training = dataclasses.replace(
-        run.training,
-        num_train_steps=cfg.pretrain_steps,
-        lr=cfg.pretrain_lr,
-        warmup_steps=max(1, cfg.pretrain_steps // 10),
-        stop_after_steps=None,
-    )
-    return dataclasses.replace(
-        run,
-        output_dir=str(out),
-        training=training,
-        finetune=None,
-        logging=stage_wandb(run, "pretrained"),
-        checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")),
+    return first_stage_run(
+        run, "pretrained", cfg.pretrain_steps, cfg.pretrain_lr, training_changes={"stop_after_steps": None}
     )
 
 

@@ -5,8 +5,10 @@ train.py runs it; distill.py runs it too when it must first pretrain a teacher.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -16,7 +18,7 @@ from training.config import RunConfig
 from training.distributed import DistributedContext
 from training.loop import LoopResult
 from training.masked_lm_metrics import format_side_by_side, masked_lm_metrics
-from training.metrics_log import last_eval_record
+from training.metrics_log import last_eval_record, stage_wandb
 from training.parallelize import unwrap
 from training.run import Task, masked_lm_loss, run_training
 
@@ -53,6 +55,30 @@ def pretrain(run: RunConfig, ctx: DistributedContext) -> tuple[LoopResult, Path 
     if ctx.is_main and not result.preempted:
         print_last_eval(Path(run.output_dir) / "train.jsonl")
     return result, export_dir
+
+
+def first_stage_run(run: RunConfig, stage: str, steps: int, lr: float, **changes: Any) -> RunConfig:
+    """The masked-LM run a job trains before its own (a teacher, a model to fine-tune): the job's data, seed and
+    settings, `steps` at `lr`, in its own folder `<output_dir>/<stage>` with its own checkpoints and W&B stage.
+    `changes` replaces more RunConfig fields (`model`) or, as `training_changes`, training settings."""
+    out = Path(run.output_dir) / stage
+    training = dataclasses.replace(
+        run.training,
+        num_train_steps=steps,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        **changes.pop("training_changes", {}),
+    )
+    return dataclasses.replace(
+        run,
+        output_dir=str(out),
+        training=training,
+        distill=None,
+        finetune=None,
+        logging=stage_wandb(run, stage),
+        checkpoint=dataclasses.replace(run.checkpoint, dir=str(out / "checkpoints")),
+        **changes,
+    )
 
 
 def pretrain_first(run: RunConfig, ctx: DistributedContext, what: str) -> Path:
