@@ -13,7 +13,7 @@ from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
 from dataset.vocab import Vocabulary
 from finetuning.labels import CellLabels, stratified_split
-from training.builders import DataBundle, resolve_data_path, resolve_vocab
+from training.builders import DataBundle, resolve_data_path, resolve_vocab, sampler_settings, train_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext
 
@@ -104,21 +104,8 @@ def build_classification_data(
     ]
     view = LabelledCorpus(corpus, labels.ids)
     collator = ClassificationCollator(vocab, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    sampler_args = dict(
-        max_tokens=cfg.max_tokens,
-        max_cells=cfg.max_cells,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pad_to_multiple_of=cfg.pad_to_multiple_of,
-    )
-    train_loader = CellBatchLoader(
-        view,
-        TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
-        collator,
-        num_workers=cfg.num_workers,
-        rank=ctx.rank,
-        pin_memory=ctx.device.type == "cuda",
-    )
+    sampler_args = sampler_settings(cfg, ctx)
+    train_loader = train_batches(view, corpus.lengths, train_idx, collator, run, ctx)
     eval_loader = CellBatchLoader(
         view,
         TokenBudgetSampler(

@@ -110,21 +110,8 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
     )
     train_idx, heldout_idx = split_indices(len(corpus), cfg.heldout_fraction, run.seed)
     eval_cells = heldout_idx[: run.eval.max_cells]
-    sampler_args = dict(
-        max_tokens=cfg.max_tokens,
-        max_cells=cfg.max_cells,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pad_to_multiple_of=cfg.pad_to_multiple_of,
-    )
-    train_loader = CellBatchLoader(
-        corpus,
-        TokenBudgetSampler(corpus.lengths, train_idx, seed=run.seed, **sampler_args),
-        _collator(cfg, vocab, run.seed, _static_shape(run, max_length)),
-        num_workers=cfg.num_workers,
-        rank=ctx.rank,
-        pin_memory=ctx.device.type == "cuda",
-    )
+    collator = _collator(cfg, vocab, run.seed, _static_shape(run, max_length))
+    train_loader = train_batches(corpus, corpus.lengths, train_idx, collator, run, ctx)
     eval_loader = HeldoutBatches(
         corpus,
         eval_cells,
@@ -136,6 +123,37 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
         world_size=ctx.world_size,
     )
     return DataBundle(corpus, vocab, train_idx, heldout_idx, train_loader, eval_loader)
+
+
+def sampler_settings(cfg: DataConfig, ctx: DistributedContext) -> dict:
+    """The token budget and rank layout every sampler of a run shares."""
+    return dict(
+        max_tokens=cfg.max_tokens,
+        max_cells=cfg.max_cells,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
+
+
+def train_batches(
+    cells: object,
+    lengths: np.ndarray,
+    train_idx: np.ndarray,
+    collator: object,
+    run: RunConfig,
+    ctx: DistributedContext,
+) -> CellBatchLoader:
+    """The shuffled, resumable training batches of `cells` (a corpus or a labelled view of one)."""
+    sampler = TokenBudgetSampler(lengths, train_idx, seed=run.seed, **sampler_settings(run.data, ctx))
+    return CellBatchLoader(
+        cells,
+        sampler,
+        collator,
+        num_workers=run.data.num_workers,
+        rank=ctx.rank,
+        pin_memory=ctx.device.type == "cuda",
+    )
 
 
 def _collator(
