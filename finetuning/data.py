@@ -13,7 +13,7 @@ from dataset.loader import CellBatchLoader
 from dataset.sampler import TokenBudgetSampler
 from dataset.vocab import Vocabulary
 from finetuning.labels import CellLabels, stratified_split
-from training.builders import DataBundle, resolve_data_path, resolve_vocab, sampler_settings, train_batches
+from training.builders import DataBundle, open_run_corpus, sampler_settings, train_batches
 from training.config import RunConfig
 from training.distributed import DistributedContext
 
@@ -73,16 +73,7 @@ def build_classification_data(
             "config 'data.packed': fine-tuning batches are padded (the pooler reads each cell's first "
             "token); set data.packed=false"
         )
-    path = resolve_data_path(cfg, ctx)
-    vocab = resolve_vocab(cfg, path, vocab_size)
-    corpus = CellCorpus.open_on_all_ranks(
-        path,
-        is_main=ctx.is_main,
-        vocab_size=vocab_size,
-        max_length=max_length,
-        cache_dir=cfg.cache_dir,
-        ends=vocab.cell_ends,
-    )
+    path, vocab, corpus = open_run_corpus(cfg, ctx, vocab_size, max_length)
     column = run.finetune.label_column
     if column not in corpus.column_names:
         raise ValueError(

@@ -96,8 +96,10 @@ class DataBundle:
     eval_loader: CellBatchLoader | HeldoutBatches  # anything with epoch_batches(epoch) over held-out cells
 
 
-def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_length: int) -> DataBundle:
-    cfg = run.data
+def open_run_corpus(
+    cfg: DataConfig, ctx: DistributedContext, vocab_size: int, max_length: int
+) -> tuple[Path, Vocabulary, CellCorpus]:
+    """The run's corpus path, vocabulary and corpus, its index prepared by rank 0 first."""
     path = resolve_data_path(cfg, ctx)
     vocab = resolve_vocab(cfg, path, vocab_size)
     corpus = CellCorpus.open_on_all_ranks(
@@ -108,6 +110,12 @@ def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_
         cache_dir=cfg.cache_dir,
         ends=vocab.cell_ends,
     )
+    return path, vocab, corpus
+
+
+def build_data(run: RunConfig, ctx: DistributedContext, *, vocab_size: int, max_length: int) -> DataBundle:
+    cfg = run.data
+    path, vocab, corpus = open_run_corpus(cfg, ctx, vocab_size, max_length)
     train_idx, heldout_idx = split_indices(len(corpus), cfg.heldout_fraction, run.seed)
     eval_cells = heldout_idx[: run.eval.max_cells]
     collator = _collator(cfg, vocab, run.seed, _static_shape(run, max_length))
