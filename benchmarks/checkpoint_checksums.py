@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 import checkpointing.checksum_writer as checksum_writer
 from checkpointing.checkpointer import Checkpointer, TrainState
 from common.checksums import file_crc32c
-from modeling_bert_te import build_model
+from modeling_bert_te import BertForMaskedLM, BertTEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ class _Loader:
 
 def train_state(model_name: str) -> TrainState:
     """The model of hydra_config/model/<name>.yaml with a full AdamW state (one step taken)."""
-    model = build_model(OmegaConf.load(ROOT / "hydra_config" / "model" / f"{model_name}.yaml"))
+    fields = OmegaConf.to_container(OmegaConf.load(ROOT / "hydra_config" / "model" / f"{model_name}.yaml"))
+    model = BertForMaskedLM(BertTEConfig(**fields))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

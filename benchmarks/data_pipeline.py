@@ -38,9 +38,7 @@ def pad_share(lengths: np.ndarray, batches: list[np.ndarray], multiple: int) -> 
 
 def padding(corpus: CellCorpus, max_tokens: int) -> None:
     lengths = corpus.lengths
-    sampler = TokenBudgetSampler(
-        lengths, np.arange(len(corpus)), max_tokens=max_tokens, max_cells=None, rank=0, world_size=1, seed=0
-    )
+    sampler = TokenBudgetSampler.every_cell(lengths, max_tokens)
     budget = pad_share(lengths, sampler.global_batches(0), 8)
     # Fixed-size random batches with the same mean cell count per batch, padded to the longest cell.
     size = max(1, round(len(corpus) / len(sampler.global_batches(0))))
@@ -53,15 +51,7 @@ def padding(corpus: CellCorpus, max_tokens: int) -> None:
 
 
 def throughput(corpus: CellCorpus, vocab: Vocabulary, max_tokens: int, seconds: float = 5.0) -> None:
-    sampler = TokenBudgetSampler(
-        corpus.lengths,
-        np.arange(len(corpus)),
-        max_tokens=max_tokens,
-        max_cells=None,
-        rank=0,
-        world_size=1,
-        seed=0,
-    )
+    sampler = TokenBudgetSampler.every_cell(corpus.lengths, max_tokens)
     for packed in (False, True):
         loader = CellBatchLoader(corpus, sampler, MLMCollator(vocab, packed=packed), rank=0)
         next(loader)
@@ -128,15 +118,7 @@ def epoch_rss(data: Path, cache: Path, max_tokens: int, vocab: Vocabulary) -> No
     """RSS from before opening the corpus to the peak of one full collated epoch (every cell read once)."""
     before = rss_mb()
     corpus = CellCorpus(data, vocab_size=vocab.size, max_length=2048, cache_dir=cache)
-    sampler = TokenBudgetSampler(
-        corpus.lengths,
-        np.arange(len(corpus)),
-        max_tokens=max_tokens,
-        max_cells=None,
-        rank=0,
-        world_size=1,
-        seed=0,
-    )
+    sampler = TokenBudgetSampler.every_cell(corpus.lengths, max_tokens)
     loader = CellBatchLoader(corpus, sampler, MLMCollator(vocab), rank=0)
     opened, seen, start = rss_mb(), 0, time.perf_counter()
     peak = opened

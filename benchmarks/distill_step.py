@@ -12,7 +12,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,15 +42,7 @@ def corpus_batches(n: int, max_tokens: int, max_length: int, builtin_dir: str) -
     path = ensure_builtin_corpus(builtin_dir)
     vocab = Vocabulary.load(path / "vocab.txt")
     corpus = CellCorpus(path, vocab_size=vocab.size, max_length=max_length)
-    sampler = TokenBudgetSampler(
-        corpus.lengths,
-        np.arange(len(corpus)),
-        max_tokens=max_tokens,
-        max_cells=None,
-        rank=0,
-        world_size=1,
-        seed=0,
-    )
+    sampler = TokenBudgetSampler.every_cell(corpus.lengths, max_tokens)
     loader = CellBatchLoader(corpus, sampler, MLMCollator(vocab, seed=0), rank=0)
     return [next(loader) for _ in range(n)]
 

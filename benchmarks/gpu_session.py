@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from session_summary import write_summary
+from benchmarks.session_summary import write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,56 +222,26 @@ def smoke_pieces() -> list[Piece]:
             300,
             "fp8_layers_4b.json",
         ),
-        Piece(
-            "quality_4m",
-            [
-                py,
-                "-m",
-                "benchmarks.distill_quality",
-                "--teacher-model",
-                "tiny",
-                "--teacher-steps",
-                "2",
-                "--students",
-                "micro",
-                "--no-ablation",
-                "--steps",
-                "2",
-                "--max-tokens",
-                "512",
-                "--max-length",
-                "64",
-                "--eval-cells",
-                "8",
-            ],
-            600,
-            min_left_s=60,
-        ),
-        Piece(
-            "quality_3m",
-            [
-                py,
-                "-m",
-                "benchmarks.distill_quality",
-                "--teacher",
-                QUALITY_TEACHER,
-                "--students",
-                "micro",
-                "--no-ablation",
-                "--steps",
-                "2",
-                "--max-tokens",
-                "512",
-                "--max-length",
-                "64",
-                "--eval-cells",
-                "8",
-            ],
-            600,
-            min_left_s=60,
-            needs=QUALITY_TEACHER,
-        ),
+        _smoke_quality("quality_4m", ["--teacher-model", "tiny", "--teacher-steps", "2"]),
+        _smoke_quality("quality_3m", ["--teacher", QUALITY_TEACHER], needs=QUALITY_TEACHER),
     ]
+
+
+def _smoke_quality(name: str, teacher: list[str], needs: str | None = None) -> Piece:
+    """A distillation quality piece at tiny shapes: a `micro` student, 2 steps, cells of 64 genes."""
+    tiny = [
+        "--students",
+        "micro",
+        "--no-ablation",
+        "--steps",
+        "2",
+        "--max-tokens",
+        "512",
+        "--max-length",
+        "64",
+    ]
+    command = [sys.executable, "-m", "benchmarks.distill_quality", *teacher, *tiny, "--eval-cells", "8"]
+    return Piece(name, command, 600, min_left_s=60, needs=needs)
 
 
 def run_piece(piece: Piece, out: Path, left_s: float, builtin_dir: Path) -> dict:

@@ -22,6 +22,19 @@ class TokenBudgetSampler:
     continues with the first global batch no rank has consumed.
     """
 
+    @classmethod
+    def every_cell(cls, lengths: np.ndarray, max_tokens: int, seed: int = 0) -> TokenBudgetSampler:
+        """One process's shuffled batches over every cell, with no cell-count cap (benchmarks, probes)."""
+        return cls(
+            lengths,
+            np.arange(len(lengths)),
+            max_tokens=max_tokens,
+            max_cells=None,
+            rank=0,
+            world_size=1,
+            seed=seed,
+        )
+
     def __init__(
         self,
         lengths: np.ndarray,
