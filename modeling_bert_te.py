@@ -34,6 +34,18 @@ if TYPE_CHECKING:
     from dataset.vocab import Vocabulary
 
 
+# The sizes that define a model's shape (and its parameter count), each a positive integer.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
 class BertTEConfig(transformers.BertConfig):
     """BertConfig plus the recipe's switches; validates shapes so a bad yaml fails before any allocation."""
 
@@ -45,15 +57,7 @@ class BertTEConfig(transformers.BertConfig):
         self.validate()
 
     def validate(self) -> None:
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
+        for field in SHAPE_FIELDS:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model config field '{field}' must be a positive integer, got {value!r}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from checkpointing.run_identity import IDENTITY_KEY, RESUMABLE_KEY
+from modeling_bert_te import SHAPE_FIELDS
 from training.config import DistillConfig
 
 if TYPE_CHECKING:
@@ -20,16 +21,7 @@ if TYPE_CHECKING:
     from training.config import RunConfig
     from training.distributed import DistributedContext
 
-MODEL_SHAPE = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "use_te_layers",
-)
+MODEL_SHAPE = (*SHAPE_FIELDS, "use_te_layers")
 OPTIMIZATION = (
     "lr",
     "weight_decay",
