@@ -54,7 +54,8 @@ def test_two_rank_training_learns_real_cells_and_exports(tmp_path, strategy):
     assert final_eval["uniform_loss"] == pytest.approx(
         math.log(25426)
     )  # the baselines ride in every eval record
-    assert 0.0 <= final_eval["unigram_accuracy"] <= final_eval["rank_position_accuracy"] <= 1.0
+    # On 500 real cells neither baseline must beat the other: each is a share of the same masked genes.
+    assert all(0.0 <= final_eval[f"{name}_accuracy"] <= 1.0 for name in ("unigram", "rank_position"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000030"
     assert (checkpoint / "COMMITTED.json").is_file()
     _stock_logits_match(tmp_path / "run" / "final_model")
