@@ -152,7 +152,7 @@ def _fmt(value) -> str:
 
 
 def report(rows: list[dict], baselines: dict, args: argparse.Namespace, seconds: float) -> list[str]:
-    teacher_acc = rows[0]["accuracy"]
+    teacher_acc = max(rows[0]["accuracy"], 1e-12)  # a teacher of a few steps may score 0
     lines = [
         f"held-out masked-LM: teacher {args.teacher_steps} steps, students {args.steps} steps, "
         f"{args.max_tokens} tokens/step (students: {args.steps * args.max_tokens:,} tokens each), cells <= "
