@@ -60,7 +60,7 @@ def finetune(run: RunConfig, ctx: DistributedContext) -> None:
         run, logging=job_wandb(run)
     )  # a model pretrained first joins this run's W&B group
     model_dir = resolve_model_dir(run, ctx)
-    source = BertTEConfig.from_pretrained(str(model_dir))
+    source = BertTEConfig.from_model_dir(model_dir)
     data, labels = build_classification_data(
         run, ctx, vocab_size=source.vocab_size, max_length=cell_max_length(run, source)
     )

@@ -24,6 +24,7 @@ from model.bert_weights import (
     check_against_config,
     load_weights,
     normalize_stock_state_dict,
+    read_config_json,
     stock_to_te_state_dict,
     to_stock_state_dict,
 )
@@ -55,6 +56,16 @@ class BertTEConfig(transformers.BertConfig):
         super().__init__(**kwargs)
         self.use_te_layers = bool(use_te_layers)
         self.validate()
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike, **overrides: Any) -> BertTEConfig:
+        """The config of a model directory, read through the guarded `read_config_json`; a bad field names the
+        file."""
+        config = read_config_json(model_dir)
+        try:
+            return cls(**{**config, **overrides})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{Path(model_dir) / 'config.json'}: {error}") from None
 
     def validate(self) -> None:
         for field in SHAPE_FIELDS:
@@ -504,11 +515,7 @@ class BertForMaskedLM(nn.Module):
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
         if config is None:
-            if not (model_dir / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{model_dir} has no config.json; is it a Hugging Face model directory?"
-                )
-            config = BertTEConfig.from_pretrained(str(model_dir), **config_overrides)
+            config = BertTEConfig.from_model_dir(model_dir, **config_overrides)
         state_dict = load_weights(model_dir)
         model = cls(config)
         model.load_stock_state_dict(state_dict, source=str(model_dir))

@@ -144,7 +144,7 @@ def finetune_run(classifier_dir: Path, overrides: list[str]) -> RunConfig:
 
 def classifier_heldout(classifier_dir: Path, run: RunConfig) -> tuple[list[dict], int]:
     """finetune's held-out batches (its stratified split, its evenly spaced eval cells) and the class count."""
-    source = BertTEConfig.from_pretrained(str(classifier_dir))
+    source = BertTEConfig.from_model_dir(classifier_dir)
     ctx = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     data, labels = build_classification_data(
         run, ctx, vocab_size=source.vocab_size, max_length=cell_max_length(run, source)

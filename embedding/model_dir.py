@@ -6,17 +6,15 @@ It must hold config.json, weights and vocab.txt; the weights' SHA-256 goes into 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from dataset.vocab import Vocabulary
+from model.bert_weights import WEIGHT_FILES, read_config_json
 from model.classifier import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -48,11 +46,7 @@ def _is_classifier(config: dict) -> bool:
 def open_model_dir(path: str | Path) -> EmbeddingModel:
     """The model of `path` in eval mode with its vocabulary; errors name the missing file and the fix."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model directory {path} has no config.json; give an exported model directory "
-            "(final_model of train.py / distill.py / finetune.py, or a stock BERT directory)"
-        )
+    config = read_config_json(path)
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
         raise FileNotFoundError(
@@ -65,7 +59,6 @@ def open_model_dir(path: str | Path) -> EmbeddingModel:
             "trained with into it as vocab.txt (one token a line)"
         )
     vocab = Vocabulary.load(path / "vocab.txt")
-    config = json.loads((path / "config.json").read_text())
     if vocab.size != config.get("vocab_size"):
         raise ValueError(
             f"{path / 'vocab.txt'} has {vocab.size} tokens but config.json has vocab_size "

@@ -69,6 +69,31 @@ def verify_export_checksums(model_dir: Path, names: tuple[str, ...] = (*WEIGHT_F
         raise ValueError(f"{named}. The files changed after export: copy or export the model again")
 
 
+def read_config_json(model_dir: str | Path) -> dict:
+    """The one guarded reader of a model directory's config.json: checked against the export's checksums, parsed,
+    and every failure a FileNotFoundError / ValueError that names the file and the fix."""
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; give an exported model directory (the final_model of train.py, "
+            "distill.py or finetune.py) or a stock BERT directory"
+        )
+    verify_export_checksums(model_dir, ("config.json",))
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path}: unreadable ({type(error).__name__}: {error}); the file is truncated or corrupt: copy, "
+            "download or export the model again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path}: holds a {type(config).__name__}, not a JSON object; export the model again"
+        )
+    return config
+
+
 def load_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The one guarded reader of a model directory's weights (teacher, finetune.model_dir, evaluate, embed, export).
 

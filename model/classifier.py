@@ -78,11 +78,7 @@ class BertForCellClassification(nn.Module):
     def from_pretrained(cls, model_dir: str | Path) -> BertForCellClassification:
         """Load a classifier exported by finetune.py (or any stock BertForSequenceClassification directory)."""
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{model_dir} has no config.json; is it an exported classifier directory?"
-            )
-        config = BertTEConfig.from_pretrained(str(model_dir))
+        config = BertTEConfig.from_model_dir(model_dir)
         # Buffers stock BERT may save alongside the weights; they carry nothing to learn.
         sd = {
             k: v

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from common.errors import run_cli
+from model.bert_weights import read_config_json
 from model.classifier import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
 
@@ -42,10 +43,7 @@ ServedModel = BertForMaskedLM | BertForCellClassification
 
 def load_served_model(model_dir: str | os.PathLike) -> ServedModel:
     """The model a directory's config.json names: a fine-tuned sequence classifier, else a masked-LM model."""
-    config_path = Path(model_dir) / "config.json"
-    architectures = (
-        json.loads(config_path.read_text()).get("architectures", []) if config_path.is_file() else []
-    )
+    architectures = read_config_json(model_dir).get("architectures") or []
     if CLASSIFIER_ARCHITECTURE in architectures:
         return BertForCellClassification.from_pretrained(model_dir).eval()
     return BertForMaskedLM.from_pretrained(model_dir).eval()

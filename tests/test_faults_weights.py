@@ -74,6 +74,34 @@ def test_a_truncated_pytorch_model_bin_is_named_with_the_fix(tmp_path):
         load_weights(out)
 
 
+def test_a_truncated_stock_config_json_is_named_with_the_fix(tmp_path):
+    out = _export(tmp_path)
+    (out / CHECKSUMS_NAME).unlink()  # as a stock directory: the reader itself must name the file
+    config = out / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ValueError, match="config.json: unreadable") as error:
+        BertForMaskedLM.from_pretrained(out)
+    assert str(config) in str(error.value) and "truncated or corrupt" in str(error.value)
+
+
+def test_an_edited_exported_config_json_fails_its_checksum(tmp_path):
+    out = _export(tmp_path)
+    config = out / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 1', '"num_hidden_layers": 2'))
+    with pytest.raises(ValueError, match="config.json fails its crc32c checksum"):
+        BertTEConfig.from_model_dir(out)
+
+
+def test_a_bad_field_in_config_json_names_the_file_and_the_field(tmp_path):
+    out = _export(tmp_path)
+    (out / CHECKSUMS_NAME).unlink()
+    config = out / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_attention_heads": 3}))
+    with pytest.raises(ValueError, match="hidden_size 32 is not divisible by num_attention_heads 3") as error:
+        BertForMaskedLM.from_pretrained(out)
+    assert str(config) in str(error.value)
+
+
 @pytest.mark.slow
 def test_a_truncated_teacher_ends_distill_with_one_line_and_exit_code_2(tmp_path):
     teacher = _export(tmp_path)
