@@ -30,11 +30,14 @@ from modeling_bert_te import BertForMaskedLM, BertTEConfig, count_parameters
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("10m", "4m", "3m", "2m")
-# Runs embed.py in this process and prints its peak resident memory (KiB on Linux) as the last line.
+# Runs embed.py in this process and prints its peak resident memory (KiB) as the last line. VmHWM, not
+# ru_maxrss: Linux carries the parent's peak across fork and exec into ru_maxrss, so a child of this benchmark
+# (which holds the corpus it wrote) would report the parent's memory as its own.
 PEAK_RSS = (
-    "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+    "import runpy, sys; sys.argv = sys.argv[1:]\n"
     "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "    print('peak_rss_kib', hwm)"
 )
 
 

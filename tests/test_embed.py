@@ -319,6 +319,34 @@ def test_classifier_predictions_are_the_finetuned_models_held_out_predictions(v1
     )
 
 
+def test_an_h5ad_output_takes_a_classifiers_predictions_and_a_second_embedding_under_another_key(
+    v1, tmp_path
+):
+    # The copy is edited in place on disk, chunk by chunk; what it held before stays as it was.
+    torch.manual_seed(0)
+    classifier = BertForCellClassification.from_masked_lm_dir(v1["model"], {0: "type0", 1: "type1"}, seed=3)
+    export_dir = export_classifier_dir(
+        classifier.state_dict(), classifier.config, tmp_path / "classifier", V1
+    )
+    source, medians = _counts_h5ad(tmp_path / "cells.h5ad"), _medians(tmp_path / "medians.tsv")
+    first = _run(export_dir, source, tmp_path / "first.h5ad", "--medians", str(medians), "--chunk-cells", "8")
+    second = _run(v1["model"], first, tmp_path / "second.h5ad", "--medians", str(medians), "--key", "X_mlm")
+    before, after = anndata.read_h5ad(source), anndata.read_h5ad(second)
+    assert list(after.obs_names) == list(before.obs_names)
+    np.testing.assert_array_equal(after.obsm["X_pca"], before.obsm["X_pca"])
+    assert (after.X != before.X).nnz == 0
+    labels = after.obs["X_geneformer_predicted_label"]
+    assert list(labels.cat.categories) == ["type0", "type1"] and labels.isna().sum() == 1  # cell 3: no gene
+    probabilities = after.obsm["X_geneformer_probabilities"]
+    kept = after.obs["X_geneformer_embedded"].to_numpy()
+    assert labels[kept].tolist() == [f"type{i}" for i in probabilities[kept].argmax(1)]
+    np.testing.assert_array_equal(after.obs["X_mlm_embedded"].to_numpy(), kept)
+    assert after.obsm["X_mlm"].shape == after.obsm["X_geneformer"].shape and set(after.uns[RECORD_KEY]) == {
+        "X_geneformer",
+        "X_mlm",
+    }
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_an_existing_output_is_kept_unless_overwrite_is_given(v1, tmp_path):
     out = tmp_path / "cells.parquet"
