@@ -105,9 +105,9 @@ def student_jobs(args: argparse.Namespace, out: Path, teacher_dir: Path) -> dict
         common = [f"model={student}"]
         jobs[f"{student} distilled"] = ("distill.py", [*common, f"distill.teacher={teacher_dir}"])
         jobs[f"{student} masked-LM only"] = ("train.py", common)
-        if student == "4m" and not args.no_ablation:
-            for name, extra in ABLATION.items():
-                jobs[f"4m {name}"] = ("distill.py", [*common, f"distill.teacher={teacher_dir}", *extra])
+    if "4m" in args.students and not args.no_ablation:  # last: the size table comes first on a tight budget
+        for name, extra in ABLATION.items():
+            jobs[f"4m {name}"] = ("distill.py", ["model=4m", f"distill.teacher={teacher_dir}", *extra])
     return {
         name: (script, [*extra, *shared_overrides(args, run_dir(out, name), args.steps, args.lr)])
         for name, (script, extra) in jobs.items()

@@ -74,6 +74,8 @@ def read_config_json(model_dir: str | Path) -> dict:
     and every failure a FileNotFoundError / ValueError that names the file and the fix."""
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; check the path")
     if not path.is_file():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; give an exported model directory (the final_model of train.py, "
