@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from dataset.vocab import Vocabulary
-from model.bert_weights import WEIGHT_FILES, read_config_json
+from model.bert_weights import read_config_json, weights_path
 from model.classifier import BertForCellClassification
 from modeling_bert_te import BertForMaskedLM
 
@@ -47,12 +47,7 @@ def open_model_dir(path: str | Path) -> EmbeddingModel:
     """The model of `path` in eval mode with its vocabulary; errors name the missing file and the fix."""
     path = Path(path)
     config = read_config_json(path)
-    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(
-            f"model directory {path} holds no weights (model.safetensors or "
-            "pytorch_model.bin); export the model again or point at its final_model folder"
-        )
+    weights = weights_path(path)
     if not (path / "vocab.txt").is_file():
         raise FileNotFoundError(
             f"model directory {path} has no vocab.txt; copy the vocabulary the model was "

@@ -142,10 +142,7 @@ def _stream_obsm(
     embedded, best, datasets, written = [], [], {}, 0
     for first_row, n_rows, arrays in chunks:
         if first_row + n_rows > n_obs:
-            raise ValueError(
-                f"{source} has {n_obs} cells but more were embedded; was it changed during the run? "
-                "rerun with --overwrite"
-            )
+            raise _cell_count_changed(source, n_obs, f"at least {first_row + n_rows}")
         for name, values in (("vectors", key), ("probabilities", f"{key}_probabilities")):
             if name not in arrays:
                 continue
@@ -159,11 +156,15 @@ def _stream_obsm(
             best.append(np.nan_to_num(arrays["probabilities"], nan=-1.0).argmax(1))
         written = first_row + n_rows
     if written != n_obs:
-        raise ValueError(
-            f"{source} has {n_obs} cells but {written} were embedded; was it changed during the run? "
-            "rerun with --overwrite"
-        )
+        raise _cell_count_changed(source, n_obs, str(written))
     return np.concatenate(embedded), (np.concatenate(best) if best else np.zeros(0, np.int64))
+
+
+def _cell_count_changed(source: Path, n_obs: int, embedded: str) -> ValueError:
+    return ValueError(
+        f"{source} has {n_obs} cells but {embedded} were embedded; was it changed during the run? "
+        "rerun with --overwrite"
+    )
 
 
 def _new_array(group: h5py.Group, name: str, shape: tuple[int, int], dtype: np.dtype) -> h5py.Dataset:

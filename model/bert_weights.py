@@ -40,8 +40,8 @@ def weights_path(model_dir: Path) -> Path:
         if (model_dir / name).is_file():
             return model_dir / name
     raise FileNotFoundError(
-        f"{model_dir} holds no model weights: expected model.safetensors or pytorch_model.bin "
-        "(sharded checkpoints: merge them first)"
+        f"{model_dir} holds no weights (model.safetensors or pytorch_model.bin): export the model again or "
+        "point at its final_model folder (sharded checkpoints: merge them first)"
     )
 
 
